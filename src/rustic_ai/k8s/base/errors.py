@@ -1,0 +1,63 @@
+"""One root error, split by what a caller should do next.
+
+``PermanentError``: the same request will fail again (bad spec, unknown agent).
+``TemporaryError``: the request may succeed later or on another host (host full,
+draining, Redis briefly gone). The protocol adapter maps each class to one gRPC status
+code and back, so a caller on either side of the wire sees the same types.
+"""
+
+
+class RusticK8sError(Exception):
+    """Root of every error raised by rusticai-k8s."""
+
+
+class PermanentError(RusticK8sError):
+    """Retrying the same request will not help."""
+
+
+class TemporaryError(RusticK8sError):
+    """The request may succeed later, or on another host."""
+
+
+class InvalidSpecError(PermanentError):
+    """Malformed JSON, a spec that fails validation, or an agent class that cannot be used."""
+
+
+class ForbiddenModuleError(PermanentError):
+    """A request named a module outside the host's import allow-list."""
+
+
+class AgentNotFoundError(PermanentError):
+    """No such (guild_id, agent_id)."""
+
+
+class AgentAlreadyExistsError(PermanentError):
+    """The same (guild_id, agent_id) is already running."""
+
+
+class AgentLaunchError(PermanentError):
+    """The agent process started but failed before it reported ready (its error is attached)."""
+
+
+class HostFullError(TemporaryError):
+    """The host is at capacity: place the agent elsewhere."""
+
+
+class HostUnavailableError(TemporaryError):
+    """The host is draining, shutting down or unreachable: place the agent elsewhere."""
+
+
+class LaunchTimeoutError(TemporaryError):
+    """The agent did not report ready before the launch deadline."""
+
+
+class NoHostAvailableError(TemporaryError):
+    """No live host with room accepted the agent."""
+
+
+class RegistryUnavailableError(TemporaryError):
+    """Redis could not be reached; the operation did not happen."""
+
+
+class ConfigError(PermanentError):
+    """A setting (flag or environment variable) is missing or invalid; the message names it."""

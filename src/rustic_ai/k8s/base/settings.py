@@ -1,0 +1,161 @@
+"""Settings for the two kinds of process: an agent host and an engine.
+
+Every field names its environment variable, unit and reason in its metadata; `from_env`
+reads them all and a bad value raises ConfigError naming the variable. Durations are
+float seconds named ``*_s``. Settings are translated into grpc/redis keyword arguments
+only inside the adapters. `describe()` renders the table in the README's configuration
+reference, so the docs and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, Self
+
+from .errors import ConfigError
+
+ENGINE_PREFIX = "RUSTIC_K8S_"
+HOST_PREFIX = "RUSTIC_AGENT_HOST_"
+
+
+def _field(default: Any, env: str, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"env": env, "doc": doc}, **kw)
+    return dataclasses.field(default=default, metadata={"env": env, "doc": doc}, **kw)
+
+
+def _convert(raw: str, target: type, env: str) -> Any:
+    try:
+        if target is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if target is int:
+            return int(raw)
+        if target is float:
+            return float(raw)
+        if target is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        raise ConfigError(f"{env}={raw!r} is not a valid {target.__name__}") from None
+
+
+class _EnvSettings:
+    """Mixin: build a frozen settings dataclass from environment variables plus overrides."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            name = f.metadata.get("env")
+            if name and name in env and f.name not in overrides:
+                values[f.name] = _convert(env[name], _type_of(f), name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()  # type: ignore[attr-defined]
+        return settings
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, meaning) for each field, for the docs and --help."""
+        rows = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if "env" not in f.metadata:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            rows.append((f.metadata["env"], str(default), f.metadata["doc"]))
+        return rows
+
+    def _require(self, ok: bool, field_name: str, why: str) -> None:
+        if not ok:
+            f = next(f for f in dataclasses.fields(self) if f.name == field_name)  # type: ignore[arg-type]
+            raise ConfigError(f"{f.metadata.get('env', field_name)}={getattr(self, field_name)!r}: {why}")
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(
+        annotation, tuple if annotation.startswith("tuple") else str
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSettings(_EnvSettings):
+    """An agent host (`rustic-agent-host`)."""
+
+    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", "Redis for the location registry.")
+    key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
+    listen: str = _field("0.0.0.0:50051", HOST_PREFIX + "LISTEN", "gRPC listen address host:port (port 0 = any).")
+    advertise: str = _field(
+        "",
+        HOST_PREFIX + "ADVERTISE",
+        "Address others reach this host at. Empty: POD_IP (downward API) with the listen port, "
+        "else the listen address when it is not a wildcard.",
+    )
+    name: str = _field("", HOST_PREFIX + "NAME", "Host name in listings; empty = HOSTNAME or the machine's name.")
+    capacity: int = _field(100, HOST_PREFIX + "CAPACITY", "Most agents this host runs at once.")
+    heartbeat_s: float = _field(20.0, HOST_PREFIX + "HEARTBEAT_S", "Seconds between registry refreshes.")
+    agent_ttl_s: float = _field(60.0, HOST_PREFIX + "AGENT_TTL_S", "Seconds an agent's registry entry lives unrefreshed.")
+    host_ttl_s: float = _field(60.0, HOST_PREFIX + "HOST_TTL_S", "Seconds the host's registry entry lives unrefreshed.")
+    launch_timeout_s: float = _field(60.0, HOST_PREFIX + "LAUNCH_TIMEOUT_S", "Seconds an agent has to report ready.")
+    stop_grace_s: float = _field(10.0, HOST_PREFIX + "STOP_GRACE_S", "Seconds between SIGTERM and SIGKILL.")
+    drain_timeout_s: float = _field(25.0, HOST_PREFIX + "DRAIN_TIMEOUT_S", "Seconds a drain may take in all.")
+    max_message_bytes: int = _field(
+        4 * 1024 * 1024, HOST_PREFIX + "MAX_MESSAGE_BYTES", "Largest gRPC request accepted (bytes)."
+    )
+    output_lines: int = _field(500, HOST_PREFIX + "OUTPUT_LINES", "Lines of each agent's stdout/stderr kept.")
+    allow_plaintext: bool = _field(True, HOST_PREFIX + "ALLOW_PLAINTEXT", "Serve without TLS.")
+
+    def validate(self) -> None:
+        self._require(self.capacity > 0, "capacity", "must be at least 1")
+        self._require(self.heartbeat_s > 0, "heartbeat_s", "must be positive")
+        self._require(self.agent_ttl_s > self.heartbeat_s, "agent_ttl_s", "must exceed the heartbeat interval")
+        self._require(self.host_ttl_s > self.heartbeat_s, "host_ttl_s", "must exceed the heartbeat interval")
+        self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
+        self._require(self.stop_grace_s >= 0, "stop_grace_s", "must not be negative")
+        self._require(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
+        self._require(self.output_lines >= 0, "output_lines", "must not be negative")
+        self._require(":" in self.listen, "listen", "must be host:port")
+        self._require(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis:// URL"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings(_EnvSettings):
+    """An engine (the async engine, and `K8sExecutionEngine` built by a Guild)."""
+
+    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", "Redis for the location registry.")
+    key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
+    discovery: str = _field(
+        "registry", ENGINE_PREFIX + "DISCOVERY", "Where hosts come from: registry (hosts that registered) or static."
+    )
+    hosts: tuple = _field((), ENGINE_PREFIX + "HOSTS", "Comma-separated host:port list for static discovery.")
+    placement: str = _field("least_loaded", ENGINE_PREFIX + "PLACEMENT", "round_robin or least_loaded.")
+    call_timeout_s: float = _field(10.0, ENGINE_PREFIX + "CALL_TIMEOUT_S", "Deadline of every gRPC call but launches.")
+    launch_timeout_s: float = _field(90.0, ENGINE_PREFIX + "LAUNCH_TIMEOUT_S", "Deadline of a CreateAgent call.")
+    max_message_bytes: int = _field(
+        4 * 1024 * 1024, ENGINE_PREFIX + "MAX_MESSAGE_BYTES", "Largest gRPC message sent or received (bytes)."
+    )
+    discovery_refresh_s: float = _field(
+        2.0, ENGINE_PREFIX + "DISCOVERY_REFRESH_S", "Seconds a host listing is reused before it is read again."
+    )
+
+    def validate(self) -> None:
+        self._require(self.discovery in ("registry", "static"), "discovery", "must be registry or static")
+        self._require(self.discovery != "static" or bool(self.hosts), "hosts", "static discovery needs hosts")
+        self._require(self.placement in ("round_robin", "least_loaded"), "placement", "unknown strategy")
+        self._require(self.call_timeout_s > 0, "call_timeout_s", "must be positive")
+        self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
+        self._require(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis:// URL"
+        )

@@ -1,0 +1,67 @@
+"""Every Redis key name the project uses, in one place.
+
+Layout (``p`` is the fleet's key prefix, ids are percent-encoded so ``:`` in an id
+cannot make two keys collide):
+
+    p:hosts                      SET   advertised addresses of hosts that registered
+    p:host:{addr}                HASH  HostRecord; TTL = host lease
+    p:host:{addr}:agents         SET   "guild\\x1fagent" members placed on that host (load = SCARD)
+    p:agent:{guild}:{agent}      HASH  AgentRecord with the full AgentSpec JSON; TTL = agent TTL
+    p:guild:{guild}:agents       SET   agent ids of the guild (membership without SCAN)
+    p:desired:{guild}            HASH  agent id -> LaunchRequest JSON the engine wants running
+
+Agent ids repeat across guilds (the conformance suite reuses "initiator"), so every
+agent key carries its guild.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from ..base.models import AgentKey
+
+MEMBER_SEP = "\x1f"
+
+
+def _enc(value: str) -> str:
+    return quote(value, safe="")
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @property
+    def hosts(self) -> str:
+        return f"{self.prefix}:hosts"
+
+    def host(self, address: str) -> str:
+        return f"{self.prefix}:host:{_enc(address)}"
+
+    def host_agents(self, address: str) -> str:
+        return f"{self.prefix}:host:{_enc(address)}:agents"
+
+    def agent(self, key: AgentKey) -> str:
+        return f"{self.prefix}:agent:{_enc(key.guild_id)}:{_enc(key.agent_id)}"
+
+    def agent_prefix(self, guild_id: str) -> str:
+        """Lua scripts append the encoded agent id to this."""
+        return f"{self.prefix}:agent:{_enc(guild_id)}:"
+
+    def guild_agents(self, guild_id: str) -> str:
+        return f"{self.prefix}:guild:{_enc(guild_id)}:agents"
+
+    def desired(self, guild_id: str) -> str:
+        return f"{self.prefix}:desired:{_enc(guild_id)}"
+
+    @staticmethod
+    def member(key: AgentKey) -> str:
+        return f"{key.guild_id}{MEMBER_SEP}{key.agent_id}"
+
+    @staticmethod
+    def parse_member(member: str) -> AgentKey:
+        guild_id, _, agent_id = member.partition(MEMBER_SEP)
+        return AgentKey(guild_id, agent_id)
+
+    def agent_key_of_member(self, member: str) -> str:
+        return self.agent(self.parse_member(member))

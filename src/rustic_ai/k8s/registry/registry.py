@@ -1,0 +1,311 @@
+"""The location registry: where each agent runs and which hosts are alive, in Redis.
+
+The only module that talks to Redis. Liveness is a TTL: a host renews its own lease and
+the TTL of every agent it runs in one scripted round trip (`heartbeat`); an entry that is
+not renewed disappears by itself. Reads never SCAN: guild membership and host load live
+in sets. Every Redis failure surfaces as `RegistryUnavailableError`, so callers can tell
+"Redis is down" from "the agent is not there".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, Self
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from ..base.errors import RegistryUnavailableError
+from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from . import scripts
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+_REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartbeatResult:
+    missing: list[AgentKey]  # not in Redis any more: re-register them
+    lost: list[AgentKey]  # another host owns them now: stop our copy
+    host_was_missing: bool  # our own entry had gone (lease expired or Redis restarted empty)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimResult:
+    ok: bool
+    owner: str = ""  # the host that owns the agent, when not ok
+
+
+def _record_fields(record: AgentRecord) -> list[str]:
+    fields = {
+        "guild_id": record.guild_id,
+        "agent_id": record.agent_id,
+        "name": record.name,
+        "class_name": record.class_name,
+        "spec": record.spec_json,
+        "host": record.host,
+        "pid": str(record.pid),
+        "state": str(record.state),
+        "started_at": repr(record.started_at),
+        "restarts": str(record.restarts),
+        "reason": record.reason,
+        "exit_code": "" if record.exit_code is None else str(record.exit_code),
+    }
+    return [item for pair in fields.items() for item in pair]
+
+
+def _record_from_hash(h: dict[str, str]) -> AgentRecord:
+    exit_code = h.get("exit_code", "")
+    return AgentRecord(
+        guild_id=h.get("guild_id", ""),
+        agent_id=h.get("agent_id", ""),
+        name=h.get("name", ""),
+        class_name=h.get("class_name", ""),
+        spec_json=h.get("spec", ""),
+        host=h.get("host", ""),
+        pid=int(h.get("pid") or 0),
+        state=AgentState(h.get("state") or AgentState.STARTING),
+        started_at=float(h.get("started_at") or 0.0),
+        restarts=int(h.get("restarts") or 0),
+        reason=h.get("reason", ""),
+        exit_code=int(exit_code) if exit_code else None,
+    )
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+class LocationRegistry:
+    """Async client of the registry. Use as ``async with LocationRegistry(url, prefix) as reg``."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        key_prefix: str = "rk8s",
+        *,
+        agent_ttl_s: float = 60.0,
+        host_ttl_s: float = 60.0,
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        self.keys = Keys(key_prefix)
+        self.agent_ttl_ms = int(agent_ttl_s * 1000)
+        self.host_ttl_ms = int(host_ttl_s * 1000)
+        self._url = redis_url
+        self._socket_timeout_s = socket_timeout_s
+        self._redis: aioredis.Redis | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._redis is not None:
+            return
+        self._redis = aioredis.Redis.from_url(
+            self._url,
+            decode_responses=True,
+            socket_timeout=self._socket_timeout_s,
+            socket_connect_timeout=self._socket_timeout_s,
+            health_check_interval=15,
+        )
+        r = self._redis
+        self._claim = r.register_script(scripts.CLAIM_AGENT)
+        self._update = r.register_script(scripts.UPDATE_AGENT)
+        self._remove = r.register_script(scripts.REMOVE_AGENT)
+        self._heartbeat = r.register_script(scripts.HEARTBEAT)
+        self._list_guild = r.register_script(scripts.LIST_GUILD)
+        self._list_hosts = r.register_script(scripts.LIST_HOSTS)
+
+    async def close(self) -> None:
+        r, self._redis = self._redis, None
+        if r is not None:
+            await r.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("LocationRegistry used before start()")
+        return self._redis
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except _REDIS_DOWN as exc:
+            raise RegistryUnavailableError(f"Redis unreachable during {what}: {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise RegistryUnavailableError(f"Redis error during {what}: {exc}") from exc
+
+    async def ping(self) -> bool:
+        async with self._guard("ping"):
+            return bool(await self.redis.ping())
+
+    # -- agents: written by hosts --------------------------------------------------------
+
+    async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True) -> ClaimResult:
+        """Registers (or re-registers) an agent on ``record.host`` atomically.
+
+        Moving an agent between hosts removes it from the old host's set in the same
+        script. With ``exclusive`` an agent still owned by another live host is refused.
+        """
+        k = self.keys
+        async with self._guard("claim_agent"):
+            res = await self._claim(
+                keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host), k.host(record.host)],
+                args=[self.agent_ttl_ms, k.member(record.key), record.agent_id, record.host, "1" if exclusive else "0",
+                      *_record_fields(record)],
+            )
+        if res[0] == "ok":
+            return ClaimResult(True)
+        return ClaimResult(False, res[1])
+
+    async def update_agent(self, key: AgentKey, host: str, **fields: Any) -> bool:
+        """Sets fields (state, pid, exit_code, reason, restarts) while ``host`` owns the agent."""
+        flat: list[str] = []
+        for name, value in fields.items():
+            if name == "exit_code":
+                value = "" if value is None else str(value)
+            flat += [name, str(value)]
+        async with self._guard("update_agent"):
+            return bool(await self._update(keys=[self.keys.agent(key)], args=[host, *flat]))
+
+    async def remove_agent(self, key: AgentKey, host: str = "") -> bool:
+        """Deletes an agent's entry, unless another host than ``host`` owns it now."""
+        k = self.keys
+        async with self._guard("remove_agent"):
+            return bool(
+                await self._remove(
+                    keys=[k.agent(key), k.guild_agents(key.guild_id), k.host_agents(host)],
+                    args=[k.member(key), key.agent_id, host],
+                )
+            )
+
+    # -- hosts -----------------------------------------------------------------------------
+
+    async def heartbeat(self, host: HostRecord, agents: Iterable[AgentKey]) -> HeartbeatResult:
+        """Renews the host's lease and all its agents' TTLs in one round trip."""
+        k = self.keys
+        agent_list = list(agents)
+        fields = {
+            "address": host.address,
+            "name": host.name,
+            "capacity": str(host.capacity),
+            "agents": str(host.agents),
+            "state": str(host.state),
+            "version": host.version,
+            "started_at": repr(host.started_at),
+            "renewed_at": repr(time.time()),
+        }
+        flat = [item for pair in fields.items() for item in pair]
+        async with self._guard("heartbeat"):
+            missing, lost, existed = await self._heartbeat(
+                keys=[k.host(host.address), k.hosts, k.host_agents(host.address), *(k.agent(a) for a in agent_list)],
+                args=[self.host_ttl_ms, self.agent_ttl_ms, host.address, len(fields), *flat,
+                      *(k.member(a) for a in agent_list)],
+            )
+        return HeartbeatResult(
+            missing=[agent_list[i - 1] for i in missing],
+            lost=[agent_list[i - 1] for i in lost],
+            host_was_missing=not existed,
+        )
+
+    async def remove_host(self, address: str) -> None:
+        k = self.keys
+        async with self._guard("remove_host"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(k.host(address), k.host_agents(address))
+                pipe.srem(k.hosts, address)
+                await pipe.execute()
+
+    async def set_host_state(self, address: str, state: HostState) -> None:
+        async with self._guard("set_host_state"):
+            await self.redis.hset(self.keys.host(address), "state", str(state))
+
+    async def list_hosts(self) -> list[HostRecord]:
+        """Hosts whose lease is current, with their load read from their agent sets."""
+        async with self._guard("list_hosts"):
+            rows = await self._list_hosts(keys=[self.keys.hosts], args=[f"{self.keys.prefix}:host:"])
+        hosts = []
+        for address, flat, count in rows:
+            h = _pairs(flat)
+            hosts.append(
+                HostRecord(
+                    address=address,
+                    name=h.get("name", ""),
+                    capacity=int(h.get("capacity") or 0),
+                    agents=int(count),
+                    state=HostState(h.get("state") or HostState.SERVING),
+                    version=h.get("version", ""),
+                    started_at=float(h.get("started_at") or 0.0),
+                )
+            )
+        return sorted(hosts, key=lambda h: h.address)
+
+    async def host_agents(self, address: str) -> list[AgentKey]:
+        async with self._guard("host_agents"):
+            members = await self.redis.smembers(self.keys.host_agents(address))
+        return sorted(Keys.parse_member(m) for m in members)
+
+    # -- agents: read by engines and the CLI -------------------------------------------------
+
+    async def get_agent(self, key: AgentKey) -> AgentRecord | None:
+        async with self._guard("get_agent"):
+            h = await self.redis.hgetall(self.keys.agent(key))
+        return _record_from_hash(h) if h else None
+
+    async def is_agent_running(self, key: AgentKey) -> bool:
+        async with self._guard("is_agent_running"):
+            state = await self.redis.hget(self.keys.agent(key), "state")
+        return state in (AgentState.STARTING, AgentState.RUNNING, AgentState.RESTARTING)
+
+    async def list_guild(self, guild_id: str) -> list[AgentRecord]:
+        """Every agent entry of a guild (any state), in one round trip."""
+        async with self._guard("list_guild"):
+            rows = await self._list_guild(
+                keys=[self.keys.guild_agents(guild_id)], args=[self.keys.agent_prefix(guild_id)]
+            )
+        return sorted((_record_from_hash(_pairs(r)) for r in rows), key=lambda r: r.agent_id)
+
+    # -- desired state: written by engines ---------------------------------------------------
+
+    async def set_desired(self, request: LaunchRequest) -> None:
+        key = request.key
+        async with self._guard("set_desired"):
+            await self.redis.hset(self.keys.desired(key.guild_id), key.agent_id, request.model_dump_json())
+
+    async def clear_desired(self, key: AgentKey) -> None:
+        async with self._guard("clear_desired"):
+            await self.redis.hdel(self.keys.desired(key.guild_id), key.agent_id)
+
+    async def desired(self, guild_id: str) -> dict[str, LaunchRequest]:
+        async with self._guard("desired"):
+            raw = await self.redis.hgetall(self.keys.desired(guild_id))
+        out = {}
+        for agent_id, text in raw.items():
+            try:
+                out[agent_id] = LaunchRequest.model_validate_json(text)
+            except ValueError:
+                log.warning("desired state of %s/%s is not a valid launch request; ignored", guild_id, agent_id)
+        return out
+
+
+def spec_summary(spec_json: str) -> tuple[str, str]:
+    """(name, class_name) from an AgentSpec JSON, tolerating junk."""
+    try:
+        d = json.loads(spec_json)
+        return str(d.get("name", "")), str(d.get("class_name", ""))
+    except ValueError:
+        return "", ""

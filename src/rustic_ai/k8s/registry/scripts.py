@@ -1,0 +1,115 @@
+"""Lua scripts: each multi-key change is one atomic script and one round trip.
+
+Scripts receive every key they touch in KEYS except the host-agent set of an agent's
+previous owner, which they read from the agent hash (field ``host_set``) — so the
+layout is for a single Redis (or one hash slot), not Redis Cluster.
+"""
+
+# KEYS: agent hash, guild set, new host-agents set, new host hash
+# ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"), field, value, ...
+# Returns {"ok"} or {"conflict", other_host}. With exclusive, a live record owned by
+# another host whose lease still exists is not taken over: one agent, one owner.
+CLAIM_AGENT = """
+local old_host = redis.call('HGET', KEYS[1], 'host')
+if old_host and old_host ~= ARGV[4] then
+  if ARGV[5] == '1' then
+    local state = redis.call('HGET', KEYS[1], 'state')
+    local old_host_key = redis.call('HGET', KEYS[1], 'host_key')
+    local live = state == 'starting' or state == 'running' or state == 'restarting' or state == 'stopping'
+    if live and old_host_key and redis.call('EXISTS', old_host_key) == 1 then
+      return {'conflict', old_host}
+    end
+  end
+  local old_set = redis.call('HGET', KEYS[1], 'host_set')
+  if old_set then redis.call('SREM', old_set, ARGV[2]) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[2])
+return {'ok'}
+"""
+
+# KEYS: agent hash; ARGV: host address, field, value, ...
+# Updates fields only while this host still owns the record. Returns 1 or 0.
+UPDATE_AGENT = """
+if redis.call('HGET', KEYS[1], 'host') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+# KEYS: agent hash, guild set, host-agents set; ARGV: member, agent id, host ("" = any owner)
+# Removes the agent unless another host owns it now. Returns 1 if removed.
+REMOVE_AGENT = """
+local owner = redis.call('HGET', KEYS[1], 'host')
+if owner and ARGV[3] ~= '' and owner ~= ARGV[3] then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return 0
+end
+local owner_set = redis.call('HGET', KEYS[1], 'host_set')
+if owner_set then redis.call('SREM', owner_set, ARGV[1]) end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: host hash, hosts set, host-agents set, agent hash 1..n
+# ARGV: host ttl ms, agent ttl ms, address, n field pairs, field, value, ..., member 1..n
+# Renews the host lease and every agent the host runs in one round trip. Returns
+# {missing indexes, lost indexes, host_was_missing}: missing = entry gone (expired or
+# Redis restarted: re-register it), lost = another host owns it now (stop our copy).
+HEARTBEAT = """
+local host_existed = redis.call('EXISTS', KEYS[1])
+local npairs = tonumber(ARGV[4])
+local fields = {}
+for i = 1, npairs * 2 do fields[i] = ARGV[4 + i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+local missing, lost = {}, {}
+local first_member = 5 + npairs * 2
+for i = 4, #KEYS do
+  local owner = redis.call('HGET', KEYS[i], 'host')
+  local idx = i - 3
+  if not owner then
+    table.insert(missing, idx)
+  elseif owner ~= ARGV[3] then
+    table.insert(lost, idx)
+    redis.call('SREM', KEYS[3], ARGV[first_member + idx - 1])
+  else
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
+end
+return {missing, lost, host_existed}
+"""
+
+# KEYS: guild set; ARGV: agent key prefix (encoded guild)
+# Returns flat HGETALL arrays of live members and drops members whose hash expired.
+LIST_GUILD = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local enc = string.gsub(id, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
+  local h = redis.call('HGETALL', ARGV[1] .. enc)
+  if #h == 0 then redis.call('SREM', KEYS[1], id) else table.insert(out, h) end
+end
+return out
+"""
+
+# KEYS: hosts set; ARGV: host key prefix
+# Returns {address, HGETALL, SCARD(agents)} per live host; prunes hosts whose lease expired.
+LIST_HOSTS = """
+local out = {}
+for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
+  local key = ARGV[1] .. enc
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then
+    redis.call('SREM', KEYS[1], addr)
+  else
+    table.insert(out, {addr, h, redis.call('SCARD', key .. ':agents')})
+  end
+end
+return out
+"""

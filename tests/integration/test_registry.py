@@ -1,0 +1,154 @@
+"""The location registry against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rustic_ai.k8s.base.errors import RegistryUnavailableError
+from rustic_ai.k8s.base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState
+from rustic_ai.k8s.registry import LocationRegistry
+from support.eventually import eventually
+
+
+@pytest.fixture
+async def registry(redis_url, key_prefix):
+    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, host_ttl_s=60) as reg:
+        yield reg
+
+
+def rec(guild: str, agent: str, host: str, **kw) -> AgentRecord:
+    spec = f'{{"id": "{agent}", "name": "{agent}-name", "class_name": "pkg.Cls"}}'
+    return AgentRecord(guild, agent, name=f"{agent}-name", class_name="pkg.Cls", spec_json=spec, host=host,
+                       state=kw.pop("state", AgentState.RUNNING), **kw)
+
+
+async def beat(registry, address, agents=(), capacity=10, state=HostState.SERVING):
+    return await registry.heartbeat(HostRecord(address, capacity=capacity, state=state), list(agents))
+
+
+async def test_same_agent_ids_in_two_guilds_coexist(registry):
+    await beat(registry, "h1:1")
+    for guild in ("g1", "g2"):
+        assert (await registry.claim_agent(rec(guild, "initiator", "h1:1"))).ok
+    assert [r.guild_id for r in await registry.list_guild("g1")] == ["g1"]
+    assert [r.guild_id for r in await registry.list_guild("g2")] == ["g2"]
+    await registry.remove_agent(AgentKey("g1", "initiator"), "h1:1")
+    assert await registry.list_guild("g1") == []
+    assert await registry.is_agent_running(AgentKey("g2", "initiator"))
+
+
+async def test_listing_returns_the_full_spec(registry):
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    [r] = await registry.list_guild("g")
+    assert r.spec_dict()["class_name"] == "pkg.Cls" and r.name == "a-name" and r.host == "h1:1"
+
+
+async def test_moving_an_agent_updates_both_hosts_loads(registry):
+    await beat(registry, "h1:1")
+    await beat(registry, "h2:1")
+    await registry.claim_agent(rec("g", "a", "h1:1"), exclusive=False)
+    await registry.claim_agent(rec("g", "a", "h2:1"), exclusive=False)
+    loads = {h.address: h.agents for h in await registry.list_hosts()}
+    assert loads == {"h1:1": 0, "h2:1": 1}
+
+
+async def test_exclusive_claim_refuses_an_agent_owned_by_a_live_host(registry):
+    await beat(registry, "h1:1")
+    await beat(registry, "h2:1")
+    assert (await registry.claim_agent(rec("g", "a", "h1:1"))).ok
+    result = await registry.claim_agent(rec("g", "a", "h2:1"))
+    assert not result.ok and result.owner == "h1:1"
+    # once h1's lease is gone the agent may move
+    await registry.remove_host("h1:1")
+    assert (await registry.claim_agent(rec("g", "a", "h2:1"))).ok
+
+
+async def test_concurrent_exclusive_claims_have_one_winner(registry):
+    hosts = [f"h{i}:1" for i in range(8)]
+    for h in hosts:
+        await beat(registry, h)
+    results = await asyncio.gather(*(registry.claim_agent(rec("g", "a", h)) for h in hosts))
+    assert sum(r.ok for r in results) == 1
+
+
+async def test_update_is_fenced_to_the_owner(registry):
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    assert not await registry.update_agent(AgentKey("g", "a"), "h2:1", state=AgentState.FAILED)
+    assert await registry.update_agent(AgentKey("g", "a"), "h1:1", state=AgentState.FAILED, exit_code=-9)
+    r = await registry.get_agent(AgentKey("g", "a"))
+    assert r.state == AgentState.FAILED and r.exit_code == -9
+    assert not await registry.is_agent_running(AgentKey("g", "a"))
+
+
+async def test_remove_by_a_non_owner_keeps_the_owners_entry(registry):
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    assert not await registry.remove_agent(AgentKey("g", "a"), "h2:1")
+    assert await registry.is_agent_running(AgentKey("g", "a"))
+
+
+async def test_heartbeat_reports_missing_and_lost_agents(registry):
+    a, b, c = (AgentKey("g", x) for x in "abc")
+    await beat(registry, "h1:1")
+    await beat(registry, "h2:1")
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    await registry.claim_agent(rec("g", "b", "h2:1"))  # b belongs to h2 now
+    result = await beat(registry, "h1:1", [a, b, c])
+    assert result.missing == [c] and result.lost == [b] and not result.host_was_missing
+
+
+async def test_ttl_expires_entries_that_are_not_renewed(redis_url, key_prefix):
+    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=0.3, host_ttl_s=0.3) as reg:
+        await beat(reg, "h1:1")
+        await reg.claim_agent(rec("g", "a", "h1:1"))
+        await eventually(lambda: reg.list_hosts(), timeout=0.1, what="host listed")  # listed while fresh
+        await eventually(lambda: _empty(reg), timeout=5, what="entries expired")
+        # the expired members were pruned from the sets as well
+        assert await reg.redis.scard(reg.keys.guild_agents("g")) == 0
+        assert await reg.redis.scard(reg.keys.hosts) == 0
+
+
+async def _empty(reg) -> bool:
+    return not await reg.list_guild("g") and not await reg.list_hosts()
+
+
+async def test_heartbeat_after_redis_lost_everything_says_so(registry):
+    await beat(registry, "h1:1")
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    await registry.redis.flushdb()
+    result = await beat(registry, "h1:1", [AgentKey("g", "a")])
+    assert result.host_was_missing and result.missing == [AgentKey("g", "a")]
+
+
+async def test_ids_with_separators_do_not_collide(registry):
+    await registry.claim_agent(rec("g:x", "a", "h1:1"))
+    await registry.claim_agent(rec("g", "x:a", "h1:1"))
+    assert [r.agent_id for r in await registry.list_guild("g:x")] == ["a"]
+    assert [r.agent_id for r in await registry.list_guild("g")] == ["x:a"]
+    await registry.claim_agent(rec("gü é/%", "ä b", "h 1:1"))
+    assert [r.agent_id for r in await registry.list_guild("gü é/%")] == ["ä b"]
+
+
+async def test_draining_hosts_are_listed_with_their_state(registry):
+    await beat(registry, "h1:1", state=HostState.DRAINING)
+    [h] = await registry.list_hosts()
+    assert h.state == HostState.DRAINING and not h.accepts_agents
+
+
+async def test_desired_state_round_trips(registry):
+    from rustic_ai.k8s.base.models import LaunchRequest
+
+    req = LaunchRequest(guild_spec={"id": "g"}, agent_spec={"id": "a"}, messaging_config={})
+    await registry.set_desired(req)
+    assert (await registry.desired("g"))["a"] == req
+    await registry.clear_desired(AgentKey("g", "a"))
+    assert await registry.desired("g") == {}
+
+
+async def test_unreachable_redis_is_a_clear_error(key_prefix):
+    from support.redis_server import free_port
+
+    async with LocationRegistry(f"redis://127.0.0.1:{free_port()}/0", key_prefix, socket_timeout_s=0.5) as reg:
+        with pytest.raises(RegistryUnavailableError, match="Redis unreachable during is_agent_running"):
+            await reg.is_agent_running(AgentKey("g", "a"))
