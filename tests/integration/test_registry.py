@@ -13,6 +13,14 @@ from support.eventually import eventually
 
 
 @pytest.fixture
+def key_prefix() -> str:
+    """Registry tests look at whole-fleet listings: each gets its own namespace."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
 async def registry(redis_url, key_prefix):
     async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, host_ttl_s=60) as reg:
         yield reg
@@ -83,6 +91,7 @@ async def test_update_is_fenced_to_the_owner(registry):
 
 
 async def test_remove_by_a_non_owner_keeps_the_owners_entry(registry):
+    await beat(registry, "h1:1")
     await registry.claim_agent(rec("g", "a", "h1:1"))
     assert not await registry.remove_agent(AgentKey("g", "a"), "h2:1")
     assert await registry.is_agent_running(AgentKey("g", "a"))
@@ -152,3 +161,13 @@ async def test_unreachable_redis_is_a_clear_error(key_prefix):
     async with LocationRegistry(f"redis://127.0.0.1:{free_port()}/0", key_prefix, socket_timeout_s=0.5) as reg:
         with pytest.raises(RegistryUnavailableError, match="Redis unreachable during is_agent_running"):
             await reg.is_agent_running(AgentKey("g", "a"))
+
+
+async def test_agents_of_a_host_whose_lease_lapsed_are_not_running(registry):
+    await beat(registry, "h1:1")
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    assert await registry.is_agent_running(AgentKey("g", "a"))
+    await registry.redis.delete(registry.keys.host("h1:1"))  # the lease runs out
+    assert not await registry.is_agent_running(AgentKey("g", "a"))
+    [r] = await registry.list_guild("g")
+    assert not r.host_alive and not r.is_live

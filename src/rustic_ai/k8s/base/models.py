@@ -81,6 +81,7 @@ class AgentRecord:
     reason: str = ""
     exit_code: int | None = None
     output: list[str] = dataclasses.field(default_factory=list)
+    host_alive: bool = True  # registry reads: is the owning host's lease current?
 
     @property
     def key(self) -> AgentKey:
@@ -88,7 +89,8 @@ class AgentRecord:
 
     @property
     def is_live(self) -> bool:
-        return self.state in (AgentState.STARTING, AgentState.RUNNING, AgentState.RESTARTING)
+        """Running (or about to) on a host that is alive."""
+        return self.host_alive and self.state in (AgentState.STARTING, AgentState.RUNNING, AgentState.RESTARTING)
 
     def spec_dict(self) -> dict[str, Any]:
         return json.loads(self.spec_json) if self.spec_json else {}

@@ -113,7 +113,12 @@ class HostSettings(_EnvSettings):
         4 * 1024 * 1024, HOST_PREFIX + "MAX_MESSAGE_BYTES", "Largest gRPC request accepted (bytes)."
     )
     output_lines: int = _field(500, HOST_PREFIX + "OUTPUT_LINES", "Lines of each agent's stdout/stderr kept.")
-    allow_plaintext: bool = _field(True, HOST_PREFIX + "ALLOW_PLAINTEXT", "Serve without TLS.")
+    launch_mode: str = _field(
+        "warm", HOST_PREFIX + "LAUNCH_MODE", "warm: fork agents from a pre-imported fork server; cold: new interpreter."
+    )
+    preload: tuple = _field((), HOST_PREFIX + "PRELOAD", "Extra modules the fork server imports ahead (comma-separated).")
+    log_format: str = _field("text", HOST_PREFIX + "LOG_FORMAT", "text or json.")
+    log_level: str = _field("INFO", HOST_PREFIX + "LOG_LEVEL", "Python logging level.")
 
     def validate(self) -> None:
         self._require(self.capacity > 0, "capacity", "must be at least 1")
@@ -125,6 +130,8 @@ class HostSettings(_EnvSettings):
         self._require(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
         self._require(self.output_lines >= 0, "output_lines", "must not be negative")
         self._require(":" in self.listen, "listen", "must be host:port")
+        self._require(self.launch_mode in ("warm", "cold"), "launch_mode", "must be warm or cold")
+        self._require(self.log_format in ("text", "json"), "log_format", "must be text or json")
         self._require(
             self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis:// URL"
         )
@@ -149,10 +156,62 @@ class EngineSettings(_EnvSettings):
     discovery_refresh_s: float = _field(
         2.0, ENGINE_PREFIX + "DISCOVERY_REFRESH_S", "Seconds a host listing is reused before it is read again."
     )
+    # Discovery "kubernetes": watch the EndpointSlices of the agent hosts' Service.
+    k8s_namespace: str = _field(
+        "",
+        ENGINE_PREFIX + "NAMESPACE",
+        "Namespace of the agent-host Service (kubernetes discovery). Empty: the pod's own namespace "
+        "(service account namespace file), else default.",
+    )
+    k8s_service: str = _field(
+        "rustic-agent-host", ENGINE_PREFIX + "SERVICE", "Service whose EndpointSlices list the agent hosts."
+    )
+    k8s_port_name: str = _field(
+        "grpc", ENGINE_PREFIX + "PORT_NAME", "Name of the Service port hosts serve gRPC on (empty: the only port)."
+    )
+    kubeconfig: str = _field(
+        "",
+        ENGINE_PREFIX + "KUBECONFIG",
+        "Kubeconfig outside a cluster. Empty: in-cluster config when KUBERNETES_SERVICE_HOST is set, "
+        "else KUBECONFIG, else ~/.kube/config.",
+    )
+    k8s_watch_timeout_s: float = _field(
+        300.0, ENGINE_PREFIX + "WATCH_TIMEOUT_S", "Seconds one watch request lasts before it is renewed."
+    )
+    k8s_backoff_initial_s: float = _field(
+        0.25, ENGINE_PREFIX + "BACKOFF_INITIAL_S", "First retry delay after a Kubernetes API error (doubles)."
+    )
+    k8s_backoff_max_s: float = _field(
+        5.0, ENGINE_PREFIX + "BACKOFF_MAX_S", "Longest retry delay after Kubernetes API errors (jittered)."
+    )
+    discovery_start_timeout_s: float = _field(
+        5.0,
+        ENGINE_PREFIX + "DISCOVERY_START_TIMEOUT_S",
+        "Seconds start() waits for the first host list (kubernetes, dns) before going on without it.",
+    )
+    # Discovery "dns": every A/AAAA address of one name (compose service, headless Service).
+    dns_name: str = _field(
+        "", ENGINE_PREFIX + "DNS_NAME", "Name resolving to every agent host (dns discovery), e.g. agent-host."
+    )
+    dns_port: int = _field(50051, ENGINE_PREFIX + "DNS_PORT", "gRPC port of the hosts found by dns discovery.")
+    dns_refresh_s: float = _field(5.0, ENGINE_PREFIX + "DNS_REFRESH_S", "Seconds between DNS lookups.")
 
     def validate(self) -> None:
-        self._require(self.discovery in ("registry", "static"), "discovery", "must be registry or static")
+        self._require(
+            self.discovery in ("registry", "static", "kubernetes", "dns"),
+            "discovery",
+            "must be registry, static, kubernetes or dns",
+        )
         self._require(self.discovery != "static" or bool(self.hosts), "hosts", "static discovery needs hosts")
+        self._require(self.discovery != "dns" or bool(self.dns_name), "dns_name", "dns discovery needs a name")
+        self._require(0 < self.dns_port < 65536, "dns_port", "must be a TCP port")
+        self._require(self.dns_refresh_s > 0, "dns_refresh_s", "must be positive")
+        self._require(self.k8s_watch_timeout_s >= 1, "k8s_watch_timeout_s", "must be at least 1")
+        self._require(self.k8s_backoff_initial_s > 0, "k8s_backoff_initial_s", "must be positive")
+        self._require(
+            self.k8s_backoff_max_s >= self.k8s_backoff_initial_s, "k8s_backoff_max_s", "must be at least the initial"
+        )
+        self._require(self.discovery_start_timeout_s >= 0, "discovery_start_timeout_s", "must not be negative")
         self._require(self.placement in ("round_robin", "least_loaded"), "placement", "unknown strategy")
         self._require(self.call_timeout_s > 0, "call_timeout_s", "must be positive")
         self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")

@@ -76,6 +76,7 @@ def _record_from_hash(h: dict[str, str]) -> AgentRecord:
         restarts=int(h.get("restarts") or 0),
         reason=h.get("reason", ""),
         exit_code=int(exit_code) if exit_code else None,
+        host_alive=h.get("_host_alive", "1") == "1",
     )
 
 
@@ -121,6 +122,7 @@ class LocationRegistry:
         self._heartbeat = r.register_script(scripts.HEARTBEAT)
         self._list_guild = r.register_script(scripts.LIST_GUILD)
         self._list_hosts = r.register_script(scripts.LIST_HOSTS)
+        self._is_running = r.register_script(scripts.IS_RUNNING)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -267,9 +269,9 @@ class LocationRegistry:
         return _record_from_hash(h) if h else None
 
     async def is_agent_running(self, key: AgentKey) -> bool:
+        """Live state on a host whose lease is current; one round trip."""
         async with self._guard("is_agent_running"):
-            state = await self.redis.hget(self.keys.agent(key), "state")
-        return state in (AgentState.STARTING, AgentState.RUNNING, AgentState.RESTARTING)
+            return bool(await self._is_running(keys=[self.keys.agent(key)]))
 
     async def list_guild(self, guild_id: str) -> list[AgentRecord]:
         """Every agent entry of a guild (any state), in one round trip."""

@@ -86,13 +86,22 @@ return {missing, lost, host_existed}
 """
 
 # KEYS: guild set; ARGV: agent key prefix (encoded guild)
-# Returns flat HGETALL arrays of live members and drops members whose hash expired.
+# Returns flat HGETALL arrays (plus _host_alive: is the owner's lease current) and drops
+# members whose hash expired.
 LIST_GUILD = """
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local enc = string.gsub(id, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
-  local h = redis.call('HGETALL', ARGV[1] .. enc)
-  if #h == 0 then redis.call('SREM', KEYS[1], id) else table.insert(out, h) end
+  local key = ARGV[1] .. enc
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then
+    redis.call('SREM', KEYS[1], id)
+  else
+    local host_key = redis.call('HGET', key, 'host_key')
+    table.insert(h, '_host_alive')
+    table.insert(h, (host_key and redis.call('EXISTS', host_key) == 1) and '1' or '0')
+    table.insert(out, h)
+  end
 end
 return out
 """
@@ -112,4 +121,15 @@ for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return out
+"""
+
+# KEYS: agent hash. 1 if the agent is starting/running/restarting on a host whose lease
+# is current: an agent of a host that died stops counting once its lease lapses, even
+# though its own (longer) TTL has not run out yet.
+IS_RUNNING = """
+local v = redis.call('HMGET', KEYS[1], 'state', 'host_key')
+local state, host_key = v[1], v[2]
+if not (state == 'starting' or state == 'running' or state == 'restarting') then return 0 end
+if not host_key then return 0 end
+return redis.call('EXISTS', host_key)
 """

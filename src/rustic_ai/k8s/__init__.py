@@ -1,0 +1,56 @@
+"""rusticai-k8s: run a Rustic AI guild's agents across a fleet of agent hosts.
+
+Public surface::
+
+    from rustic_ai.k8s import AsyncK8sEngine, K8sExecutionEngine, EngineSettings, HostSettings
+
+``Guild(..., execution_engine_clz="rustic_ai.k8s.K8sExecutionEngine")`` builds the
+synchronous engine from the environment; async code uses ``AsyncK8sEngine`` directly.
+"""
+
+from .base.errors import (
+    AgentAlreadyExistsError,
+    AgentLaunchError,
+    AgentNotFoundError,
+    ConfigError,
+    HostFullError,
+    HostUnavailableError,
+    InvalidSpecError,
+    LaunchTimeoutError,
+    NoHostAvailableError,
+    PermanentError,
+    RegistryUnavailableError,
+    RusticK8sError,
+    TemporaryError,
+)
+from .base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from .base.settings import EngineSettings, HostSettings
+from .base.version import VERSION as __version__
+from .engine import AsyncK8sEngine, K8sExecutionEngine
+
+__all__ = [
+    "AgentAlreadyExistsError",
+    "AgentKey",
+    "AgentLaunchError",
+    "AgentNotFoundError",
+    "AgentRecord",
+    "AgentState",
+    "AsyncK8sEngine",
+    "ConfigError",
+    "EngineSettings",
+    "HostFullError",
+    "HostRecord",
+    "HostSettings",
+    "HostState",
+    "HostUnavailableError",
+    "InvalidSpecError",
+    "K8sExecutionEngine",
+    "LaunchRequest",
+    "LaunchTimeoutError",
+    "NoHostAvailableError",
+    "PermanentError",
+    "RegistryUnavailableError",
+    "RusticK8sError",
+    "TemporaryError",
+    "__version__",
+]

@@ -1,0 +1,83 @@
+"""Protobuf messages <-> our records. Nothing outside this package sees a pb type."""
+
+from __future__ import annotations
+
+from ..base.models import AgentRecord, AgentState, HostRecord, HostState
+from .v1 import agent_host_pb2 as pb
+
+_AGENT_STATE_TO_PB = {
+    AgentState.STARTING: pb.AGENT_STATE_STARTING,
+    AgentState.RUNNING: pb.AGENT_STATE_RUNNING,
+    AgentState.RESTARTING: pb.AGENT_STATE_RESTARTING,
+    AgentState.FAILED: pb.AGENT_STATE_FAILED,
+    AgentState.STOPPING: pb.AGENT_STATE_STOPPING,
+    AgentState.STOPPED: pb.AGENT_STATE_STOPPED,
+}
+_AGENT_STATE_FROM_PB = {v: k for k, v in _AGENT_STATE_TO_PB.items()}
+_HOST_STATE_TO_PB = {
+    HostState.STARTING: pb.HOST_STATE_STARTING,
+    HostState.SERVING: pb.HOST_STATE_SERVING,
+    HostState.DRAINING: pb.HOST_STATE_DRAINING,
+}
+_HOST_STATE_FROM_PB = {v: k for k, v in _HOST_STATE_TO_PB.items()}
+
+
+def agent_to_pb(r: AgentRecord) -> pb.AgentInfo:
+    return pb.AgentInfo(
+        guild_id=r.guild_id,
+        agent_id=r.agent_id,
+        name=r.name,
+        class_name=r.class_name,
+        agent_spec_json=r.spec_json.encode(),
+        host_address=r.host,
+        pid=r.pid,
+        state=_AGENT_STATE_TO_PB[r.state],
+        has_exit_code=r.exit_code is not None,
+        exit_code=r.exit_code or 0,
+        started_at=r.started_at,
+        restarts=r.restarts,
+        reason=r.reason,
+        output=r.output,
+    )
+
+
+def agent_from_pb(m: pb.AgentInfo) -> AgentRecord:
+    return AgentRecord(
+        guild_id=m.guild_id,
+        agent_id=m.agent_id,
+        name=m.name,
+        class_name=m.class_name,
+        spec_json=m.agent_spec_json.decode(errors="replace"),
+        host=m.host_address,
+        pid=m.pid,
+        state=_AGENT_STATE_FROM_PB.get(m.state, AgentState.STARTING),
+        started_at=m.started_at,
+        restarts=m.restarts,
+        reason=m.reason,
+        exit_code=m.exit_code if m.has_exit_code else None,
+        output=list(m.output),
+    )
+
+
+def host_to_pb(h: HostRecord) -> pb.HealthResponse:
+    return pb.HealthResponse(
+        host_name=h.name,
+        address=h.address,
+        agents_running=h.agents,
+        capacity=h.capacity,
+        state=_HOST_STATE_TO_PB[h.state],
+        version=h.version,
+        started_at=h.started_at,
+    )
+
+
+def host_from_pb(m: pb.HealthResponse) -> HostRecord:
+    return HostRecord(
+        address=m.address,
+        name=m.host_name,
+        capacity=m.capacity,
+        agents=m.agents_running,
+        state=_HOST_STATE_FROM_PB.get(m.state, HostState.STARTING),
+        version=m.version,
+        started_at=m.started_at,
+    )
