@@ -1,0 +1,246 @@
+"""The agent process: one rusticai agent, built from a JSON launch request, until SIGTERM.
+
+Started two ways, both ending in ``run()``:
+
+* cold: ``python -m rustic_ai.k8s.process.child`` (``main()``), with the control pipe's
+  fd number in ``RUSTIC_K8S_CONTROL_FD`` and the host's pid in ``RUSTIC_K8S_PARENT_PID``;
+* warm: forked from the fork server (``forkserver.py``), which calls ``run()`` directly.
+
+The agent is built exactly as rusticai-core's own engines build it: through a subclass of
+``AgentWrapper`` whose ``initialize_agent()`` creates the messaging interface, builds the
+agent from its spec and subscribes it to its topics. Only after that returns does the
+child report ``ready`` on the control pipe, so a host that sees ``ready`` may immediately
+publish to the agent. Failures are reported on the same pipe (see ``control.py``) and
+classified: a request that can never work (bad JSON, spec validation, an agent class that
+cannot be imported or is not an Agent, a bad client type) is ``invalid_spec`` and exit
+code 2; anything else raised while building or subscribing is ``launch`` and exit code 3.
+
+Shutdown is SIGTERM (or SIGINT): the handler only sets an event, the main thread then
+calls ``AgentWrapper.shutdown()`` (unsubscribe, unregister, close messaging) and exits 0.
+rusticai-core's messaging runs its own threads; that is fine here, a child never forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from rustic_ai.core.guild.agent import Agent
+from rustic_ai.core.guild.dsl import AgentSpec, OpaqueProps
+from rustic_ai.core.guild.execution.agent_wrapper import AgentWrapper
+from rustic_ai.core.messaging import Client
+from rustic_ai.core.utils.basic_class_utils import get_class_from_name
+
+from ..base.errors import InvalidSpecError
+from ..base.models import LaunchRequest
+from ..base.specs import ParsedLaunch, parse_launch
+from .control import (
+    CONTROL_FD_ENV,
+    EVENT_READY,
+    EXIT_INVALID_SPEC,
+    EXIT_LAUNCH_FAILED,
+    EXIT_OK,
+    EXIT_ORPHANED,
+    KIND_INVALID_SPEC,
+    KIND_LAUNCH,
+    PARENT_PID_ENV,
+    error_event,
+    read_all,
+    set_parent_death_signal,
+    write_event,
+)
+
+log = logging.getLogger("rustic_ai.k8s.process.child")  # not __main__ under -m
+
+
+class ProcessAgentWrapper(AgentWrapper):
+    """rusticai-core's wrapper, run in a process of its own: ``run()`` builds and subscribes."""
+
+    def run(self) -> Agent:
+        return self.initialize_agent()
+
+
+def _resolve_class(qualified_name: str, base: type, what: str) -> type:
+    try:
+        cls = get_class_from_name(qualified_name)
+    except Exception as exc:  # an import runs arbitrary module code: any failure means "cannot be imported"
+        raise InvalidSpecError(f"{what} {qualified_name!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise InvalidSpecError(f"{what} {qualified_name!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+    return cls
+
+
+def prepare(raw: bytes) -> tuple[ParsedLaunch, type[Client]]:
+    """Parses and validates the request and resolves every class it names; raises InvalidSpecError."""
+    try:
+        request = LaunchRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidSpecError(f"invalid launch request: {str(exc)[:600]}") from None
+    parsed = parse_launch(request)
+    _resolve_class(parsed.agent_spec.class_name, Agent, "agent class")
+    if isinstance(parsed.agent_spec.properties, OpaqueProps):
+        # The spec was accepted tolerantly (props kept opaque because their classes were not
+        # importable where it was parsed). Rebuild them strictly now, as rusticai-core's
+        # build_agent_from_spec would, so a missing props class is a spec error, not a crash.
+        try:
+            strict = AgentSpec.model_validate(parsed.agent_spec.model_dump(), context={"require_agent_class": True})
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise InvalidSpecError(f"invalid agent spec: {str(exc)[:600]}") from None
+        parsed = ParsedLaunch(parsed.request, parsed.guild_spec, strict, parsed.messaging_config)
+    client_type = _resolve_class(request.client_type, Client, "client type")
+    return parsed, client_type
+
+
+def _configure_logging(raw: bytes) -> None:
+    # The agent id goes into every line: a host keeps each agent's output apart, but
+    # people read these lines after they were copied elsewhere too.
+    try:
+        import json
+
+        data = json.loads(raw)
+        label = f"{data['guild_spec'].get('id', '?')}/{data['agent_spec'].get('id', '?')}"
+    except Exception:
+        label = "?"
+    label = str(label).replace("%", "%%")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,  # a forked child inherits the fork server's handlers; replace them
+        format=f"%(asctime)s %(levelname)s [agent {label} pid %(process)d] %(name)s: %(message)s",
+    )
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT, awaited by the main thread in a way messaging threads cannot swallow.
+
+    The kernel hands a process-directed signal to any thread that does not block it, often
+    one of the messaging backend's. Python then runs the handler in the main thread only
+    when that thread next executes bytecode, so a main thread parked in a lock (such as
+    ``threading.Event.wait()``) would never wake. ``signal.set_wakeup_fd`` makes the
+    C-level handler write a byte to a pipe whatever thread it ran on; the main thread
+    waits on that pipe with select, runs the Python handler, and sees the flag.
+
+    Installed before the agent is built: an agent that wants other signal behaviour may
+    change it in its __init__, and a SIGTERM during the build is honoured right after it.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._wake_r, wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._set = True
+
+    def set(self) -> None:
+        self._set = True
+
+    def wait(self) -> None:
+        while not self._set:
+            # The timeout is only a safety net; the wakeup byte ends the select at once.
+            select.select([self._wake_r], [], [], 1.0)
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+
+def run(raw: bytes, control_fd: int, *, ready_extra: dict[str, Any] | None = None) -> int:
+    """Builds the agent, reports on ``control_fd``, serves until SIGTERM; returns the exit code."""
+    stop = _StopSignal()
+    _configure_logging(raw)
+
+    try:
+        parsed, client_type = prepare(raw)
+    except InvalidSpecError as exc:
+        log.error("invalid launch request: %s", exc)
+        _report(control_fd, error_event(KIND_INVALID_SPEC, str(exc)))
+        return EXIT_INVALID_SPEC
+
+    request = parsed.request
+    wrapper = ProcessAgentWrapper(
+        guild_spec=parsed.guild_spec,
+        agent_spec=parsed.agent_spec,
+        messaging_config=parsed.messaging_config,
+        machine_id=request.machine_id,
+        client_type=client_type,
+        client_properties=dict(request.client_properties),
+        organization_id=request.organization_id or None,
+    )
+    try:
+        wrapper.run()
+    except Exception as exc:
+        log.exception("agent %s failed to start", request.key)
+        _report(control_fd, error_event(KIND_LAUNCH, f"{type(exc).__name__}: {exc}"))
+        return EXIT_LAUNCH_FAILED
+
+    ready = {"event": EVENT_READY, "pid": os.getpid(), **(ready_extra or {})}
+    if not _report(control_fd, ready):
+        log.error("the host went away before agent %s was ready; shutting down", request.key)
+        stop.set()
+    log.info("agent %s (%s) ready", request.key, parsed.agent_spec.class_name)
+
+    stop.wait()
+    log.info("agent %s stopping", request.key)
+    try:
+        wrapper.shutdown()
+    except Exception:
+        log.exception("agent %s did not shut down cleanly", request.key)
+    log.info("agent %s stopped", request.key)
+    return EXIT_OK
+
+
+def _report(control_fd: int, event: dict[str, Any]) -> bool:
+    """Writes the one control line and closes the pipe; False when the host's end is gone."""
+    try:
+        write_event(control_fd, event)
+        return True
+    except OSError:  # EPIPE: the host (or its launch) gave up on us
+        return False
+    finally:
+        try:
+            os.close(control_fd)
+        except OSError:
+            pass
+
+
+def finish(code: int) -> NoReturn:
+    """Exits without running interpreter teardown: messaging threads must not delay or block the exit."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def main() -> NoReturn:
+    """Cold entry point: the request on stdin, the control pipe's fd in the environment."""
+    parent = int(os.environ.get(PARENT_PID_ENV) or 0) or None
+    if not set_parent_death_signal(parent):
+        os._exit(EXIT_ORPHANED)
+    try:
+        control_fd = int(os.environ[CONTROL_FD_ENV])
+        # pass_fds made it inheritable; an agent's own subprocesses must not hold it open,
+        # or the host would not see end of file when this process dies.
+        os.set_inheritable(control_fd, False)
+    except (KeyError, ValueError, OSError) as exc:
+        print(f"rustic_ai.k8s.process.child: no usable control pipe ({CONTROL_FD_ENV}): {exc}", file=sys.stderr)
+        os._exit(EXIT_INVALID_SPEC)
+    finish(run(read_all(0), control_fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The fork server ("zygote"): a pre-imported interpreter that forks agent processes.
+
+Starting an agent cold costs a new interpreter and about a second of CPU importing
+rusticai-core, pydantic and the messaging backend before any agent code runs. The fork
+server pays that once: ``python -m rustic_ai.k8s.process.forkserver`` imports those
+modules (plus any listed in ``RUSTIC_AGENT_HOST_PRELOAD``, comma-separated), freezes the
+garbage collector's view of them (so children do not dirty the shared pages by merely
+scanning them), and then forks one child per request. A forked child starts with
+everything already imported and shares those pages copy-on-write with its siblings.
+
+Protocol, over a SOCK_SEQPACKET Unix socket the host passes in (fd number in
+``RUSTIC_K8S_FORKSERVER_FD``); every message is one JSON object, nothing is pickled:
+
+    server -> host  {"event": "hello", "pid": P, "preloaded": [...], "threads": 1, ...}
+    host -> server  {"op": "fork", "id": N}   + fds [stdin read end, output write end, control write end]
+    server -> host  {"event": "forked", "id": N, "pid": C}   + fds [pidfd of C]
+    server -> host  {"event": "fork_error", "id": N, "message": "..."}
+    server -> host  {"event": "exit", "pid": C, "exit": code}   (after reaping C; negative = signal)
+
+The host creates all three pipes, so it holds the other ends and the request itself goes
+down the child's stdin exactly as for a cold start; the server never sees it. The pidfd
+is opened by the server right after fork, before it can possibly reap the child, so it
+names that child even if its pid is recycled later. End of file on the socket (the host
+closed it or died) ends the server.
+
+Life and death: the server arms PR_SET_PDEATHSIG(SIGKILL) against the host and each child
+arms it against the server, so the chain host -> server -> agent never leaves an agent
+behind a dead host. The price: if the fork server dies, the agents it forked die with it
+(the host sees each exit at once through its pidfd and reports it like any crash).
+
+Threads: forking a process that runs threads can leave a child with a lock held forever,
+so this process must stay single-threaded. rusticai-core's imports start no threads
+(checked at startup and reported as ``threads`` in the hello; more than one is logged as
+an error). The server is a plain ``selectors`` loop, not asyncio, and reaps children on
+SIGCHLD through ``signal.set_wakeup_fd``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, NoReturn
+
+from rustic_ai.k8s.process.control import (
+    EXIT_ORPHANED,
+    FDS_PER_FORK,
+    FORKSERVER_FD_ENV,
+    FORKSERVER_MAX_MESSAGE,
+    FORKSERVER_MODULE,
+    PARENT_PID_ENV,
+    PRELOAD_ENV,
+    set_parent_death_signal,
+)
+
+CORE_PRELOAD = (
+    "rustic_ai.core.guild.agent",
+    "rustic_ai.core.guild.dsl",
+    "rustic_ai.core.messaging",
+    "rustic_ai.core.guild.execution.agent_wrapper",
+    "rustic_ai.core.guild.execution.utils",
+    "rustic_ai.k8s.process.child",
+)
+OPTIONAL_PRELOAD = ("rustic_ai.redis.messaging.backend",)
+
+# Under ``-m`` this module is __main__; name the logger after the module all the same.
+log = logging.getLogger(FORKSERVER_MODULE)
+
+PRELOADED: list[str] = []  # what this server imported ahead; forked children report it
+
+
+def preload(extra: list[str]) -> list[str]:
+    """Imports the modules agents need; returns those that imported. Failures are logged, not fatal."""
+    done = []
+    for name in (*CORE_PRELOAD, *OPTIONAL_PRELOAD, *extra):
+        try:
+            importlib.import_module(name)
+            done.append(name)
+        except Exception as exc:  # a child then imports (or fails on) it itself, as a cold start would
+            level = logging.DEBUG if name in OPTIONAL_PRELOAD else logging.WARNING
+            log.log(level, "preload of %s failed: %s: %s", name, type(exc).__name__, exc)
+    return done
+
+
+def os_thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+class ForkServer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pid = os.getpid()
+        self.selector = selectors.DefaultSelector()
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        self.children: set[int] = set()
+
+    def serve(self, hello: dict[str, Any]) -> int:
+        os.set_blocking(self.wakeup_w, False)
+        os.set_blocking(self.wakeup_r, False)
+        # SIGCHLD needs a Python handler for the wakeup fd to be written; the handler itself
+        # does nothing, the loop reaps when the wakeup fd turns readable.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        self.selector.register(self.sock, selectors.EVENT_READ, "sock")
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
+        self._send(hello)
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "wakeup":
+                    self._drain_wakeup()
+                    self._reap()
+                    continue
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, FORKSERVER_MAX_MESSAGE, FDS_PER_FORK,
+                                                          socket.MSG_CMSG_CLOEXEC)
+                if not msg:
+                    log.info("fork server %d: host closed the socket; exiting", self.pid)
+                    return 0
+                self._handle(msg, fds)
+
+    def _handle(self, msg: bytes, fds: list[int]) -> None:
+        try:
+            request = json.loads(msg)
+            req_id = request["id"]
+            if request.get("op") != "fork" or len(fds) != FDS_PER_FORK:
+                raise ValueError(f"bad request {msg[:200]!r} with {len(fds)} fds")
+        except (ValueError, KeyError, TypeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            log.error("fork server: %s", exc)
+            self._send({"event": "fork_error", "id": None, "message": str(exc)})
+            return
+        try:
+            pid = self._fork(fds)
+        except OSError as exc:
+            self._send({"event": "fork_error", "id": req_id, "message": f"fork failed: {exc}"})
+            return
+        finally:
+            for fd in fds:  # the child has its copies; ours must go or the pipes never see EOF
+                os.close(fd)
+        try:
+            pidfd = os.pidfd_open(pid)  # before the next _reap(): it names this very child
+        except OSError:
+            pidfd = None
+        try:
+            self._send({"event": "forked", "id": req_id, "pid": pid}, [pidfd] if pidfd is not None else [])
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def _fork(self, fds: list[int]) -> int:
+        for stream in (sys.stdout, sys.stderr):  # or buffered server output would repeat in the child
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            become_agent(self, *fds)
+        self.children.add(pid)
+        try:
+            os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race
+        except OSError:
+            pass
+        return pid
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self._send({"event": "exit", "pid": pid, "exit": os.waitstatus_to_exitcode(status)})
+
+    def _send(self, event: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(event, separators=(",", ":")).encode()
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+
+    def release_in_child(self) -> None:
+        """Drops everything of the server's a forked child must not keep (the socket above all:
+        held by children it would hide the server's death from the host)."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        self.selector.close()
+        self.sock.close()
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+
+
+def become_agent(server: ForkServer, stdin_fd: int, output_fd: int, control_fd: int) -> NoReturn:
+    """Runs in the forked child: becomes an agent process, never returns into the server loop."""
+    code = 1
+    try:
+        from rustic_ai.k8s.process import child
+
+        forked_at = time.monotonic()
+        if not set_parent_death_signal(server.pid):
+            os._exit(EXIT_ORPHANED)
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        server.release_in_child()
+        os.dup2(stdin_fd, 0)
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        for fd in (stdin_fd, output_fd):
+            if fd > 2:
+                os.close(fd)
+        os.set_inheritable(control_fd, False)  # an agent's own subprocesses must not keep it open
+        request = child.read_all(0)
+        extra = {"warm": True, "forkserver_pid": server.pid, "preloaded": PRELOADED,
+                 "read_request_s": round(time.monotonic() - forked_at, 4)}
+        code = child.run(request, control_fd, ready_extra=extra)
+        child.finish(code)
+    except BaseException:
+        try:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code or 1)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [fork server pid %(process)d] %(name)s: %(message)s")
+    parent = int(os.environ.get(PARENT_PID_ENV) or 0) or None
+    if not set_parent_death_signal(parent):
+        return 1
+    # Ctrl-C is the host's to handle: it drains, then closes us. SIGTERM keeps its default.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(os.environ[FORKSERVER_FD_ENV]))
+    sock.set_inheritable(False)
+
+    began = time.monotonic()
+    extra = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
+    PRELOADED.extend(preload(extra))
+    import_s = time.monotonic() - began
+    # Everything imported so far lives as long as the server: move it out of the collector's
+    # sight, so a child's collections do not write to (and so un-share) those pages.
+    gc.collect()
+    gc.freeze()
+    threads = os_thread_count()
+    if threads != 1:
+        log.error("fork server: %d threads are running after the preload; forking is unsafe "
+                  "(a module in RUSTIC_AGENT_HOST_PRELOAD probably starts one)", threads)
+    log.info("fork server ready: %d modules preloaded in %.2f s", len(PRELOADED), import_s)
+    hello = {"event": "hello", "pid": os.getpid(), "preloaded": PRELOADED, "threads": threads,
+             "import_s": round(import_s, 3), "modules": len(sys.modules)}
+    return ForkServer(sock).serve(hello)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

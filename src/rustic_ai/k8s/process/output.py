@@ -1,0 +1,94 @@
+"""A bounded record of what an agent process printed: the last N lines of stdout+stderr.
+
+A host keeps this for every agent so that a crash report or ``GetAgentInfo`` can show the
+agent's last words without a log pipeline. Memory is bounded twice: by the number of
+lines (a ``deque`` with ``maxlen``) and by the length of one line (longer lines are cut,
+and a line that never ends is cut at the same size while the rest is skipped until its
+newline). The pump reads whatever is available in chunks rather than with ``readline``,
+so a child's pipe is always drained and never fills up, whatever the child writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+DEFAULT_MAX_LINE_BYTES = 8 * 1024
+TRUNCATED_MARK = " [...truncated]"
+_CHUNK = 64 * 1024
+
+
+class OutputBuffer:
+    def __init__(self, max_lines: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_lines < 0 or max_line_bytes < 1:
+            raise ValueError("max_lines must be >= 0 and max_line_bytes >= 1")
+        self.max_lines = max_lines
+        self.max_line_bytes = max_line_bytes
+        self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self._partial = bytearray()
+        self._skipping = False  # inside an over-long line whose head is already kept
+        self.total_lines = 0  # lines seen, including those the ring has forgotten
+
+    def append(self, line: str) -> None:
+        """Adds one complete line (without its newline), cutting it if it is too long."""
+        raw = line.encode(errors="replace")
+        if len(raw) > self.max_line_bytes:
+            line = raw[: self.max_line_bytes].decode(errors="replace") + TRUNCATED_MARK
+        self._add(line)
+
+    def feed(self, data: bytes) -> None:
+        """Adds raw output; complete lines are stored, a trailing partial line waits for more."""
+        start = 0
+        while (newline := data.find(b"\n", start)) >= 0:
+            self._take(data[start:newline])
+            self._end_line()
+            start = newline + 1
+        self._take(data[start:])
+
+    def finish(self) -> None:
+        """End of output: a last line without a newline is kept too."""
+        if self._partial or self._skipping:
+            self._end_line()
+
+    async def pump(self, reader: asyncio.StreamReader) -> None:
+        """Copies ``reader`` into the buffer until end of file."""
+        try:
+            while chunk := await reader.read(_CHUNK):
+                self.feed(chunk)
+        finally:
+            self.finish()
+
+    def tail(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines (all kept lines when ``n`` is None), oldest first."""
+        if n is None:
+            return list(self._lines)
+        if n <= 0:
+            return []
+        return list(self._lines)[-n:]
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _take(self, piece: bytes) -> None:
+        if self._skipping or not piece:
+            return
+        room = self.max_line_bytes - len(self._partial)
+        if len(piece) > room:
+            self._partial += piece[:room]
+            self._skipping = True
+        else:
+            self._partial += piece
+
+    def _end_line(self) -> None:
+        text = bytes(self._partial).decode(errors="replace").rstrip("\r")
+        if self._skipping:
+            text += TRUNCATED_MARK
+        self._partial.clear()
+        self._skipping = False
+        self._add(text)
+
+    def _add(self, line: str) -> None:
+        self.total_lines += 1
+        self._lines.append(line)
