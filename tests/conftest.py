@@ -19,12 +19,12 @@ def redis_server():
     server.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def redis_url(redis_server) -> str:
     return redis_server.url
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def key_prefix() -> str:
-    """A unique registry namespace per test."""
+    """A unique registry namespace per test module (tests inside use unique guild ids)."""
     return f"t{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,297 @@
+"""The async engine: run, find and stop a guild's agents on a fleet of agent hosts.
+
+Reads (is_agent_running, get_agents_in_guild, find_agents_by_name) are answered by the
+registry in one Redis round trip each; they never fan out to hosts. Launches go through
+placement: the strategy orders the live hosts, the engine tries them in turn and moves
+on when a host is full or unavailable, and the first host to answer "ready" wins. Every
+gRPC call has a deadline. Before a launch the engine records the request as the guild's
+desired state in Redis, so agents can be placed again later (after a host is lost)
+by any engine, including one that restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Self
+
+from rustic_ai.core.guild.dsl import AgentSpec, GuildSpec
+from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
+from rustic_ai.core.utils.basic_class_utils import get_qualified_class_name
+
+from ..base.errors import (
+    AgentAlreadyExistsError,
+    AgentNotFoundError,
+    HostFullError,
+    HostUnavailableError,
+    InvalidSpecError,
+    NoHostAvailableError,
+    RusticK8sError,
+)
+from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
+from ..base.settings import EngineSettings
+from ..base.specs import launch_request_from_models
+from ..placement import (
+    CachedHosts,
+    Discovery,
+    PlacementStrategy,
+    RegistryDiscovery,
+
+    merge_with_registry,
+    strategy_named,
+)
+from ..placement.factory import discovery_from_settings
+from ..protocol import ChannelPool
+from ..registry import LocationRegistry
+
+log = logging.getLogger(__name__)
+
+
+class AsyncK8sEngine:
+    """Awaitable counterpart of rusticai-core's ExecutionEngine.
+
+    Use it as ``async with AsyncK8sEngine(settings) as engine:``. On exit it stops the
+    agents it launched (as rusticai-core's engines do on shutdown) unless
+    ``stop_agents_on_shutdown=False``.
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings | None = None,
+        *,
+        organization_id: str = "",
+        discovery: Discovery | None = None,
+        placement: PlacementStrategy | None = None,
+        stop_agents_on_shutdown: bool = True,
+    ) -> None:
+        self.settings = settings or EngineSettings.from_env()
+        self.organization_id = organization_id
+        self.registry = LocationRegistry(self.settings.redis_url, self.settings.key_prefix)
+        self.discovery = discovery or discovery_from_settings(self.settings, self.registry)
+        self.placement = placement or strategy_named(self.settings.placement)
+        self.pool = ChannelPool(
+            call_timeout_s=self.settings.call_timeout_s,
+            launch_timeout_s=self.settings.launch_timeout_s,
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+        self.stop_agents_on_shutdown = stop_agents_on_shutdown
+        self._hosts = CachedHosts(self.settings.discovery_refresh_s)
+        self._in_flight: collections.Counter[str] = collections.Counter()  # launches under way per host
+        self._owned: dict[AgentKey, str] = {}  # agents this engine launched -> host
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self.registry.start()
+        await self.discovery.start()
+
+    async def shutdown(self) -> None:
+        """Stops owned agents (if configured), then closes channels and clients. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started and self.stop_agents_on_shutdown and self._owned:
+            results = await asyncio.gather(
+                *(self._stop(key) for key in list(self._owned)), return_exceptions=True
+            )
+            for key, result in zip(list(self._owned), results, strict=False):
+                if isinstance(result, Exception):
+                    log.warning("could not stop %s during shutdown: %s", key, result)
+        await self.pool.close()
+        await self.discovery.close()
+        await self.registry.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- launching ---------------------------------------------------------------------------
+
+    async def run_agent(
+        self,
+        guild_spec: GuildSpec,
+        agent_spec: AgentSpec,
+        messaging_config: MessagingConfig,
+        machine_id: int = 0,
+        client_type: type[Client] | str = SimpleClient,
+        client_properties: dict[str, Any] | None = None,
+        default_topic: str = "default_topic",
+    ) -> AgentRecord:
+        """Starts the agent on one host; returns once it is subscribed, with host and pid."""
+        request = self.build_request(
+            guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
+        )
+        return await self.launch(request)
+
+    def build_request(
+        self,
+        guild_spec: GuildSpec,
+        agent_spec: AgentSpec,
+        messaging_config: MessagingConfig,
+        machine_id: int = 0,
+        client_type: type[Client] | str = SimpleClient,
+        client_properties: dict[str, Any] | None = None,
+        default_topic: str = "default_topic",
+    ) -> LaunchRequest:
+        if not isinstance(agent_spec, AgentSpec):
+            raise InvalidSpecError(
+                f"run_agent needs an AgentSpec, got {type(agent_spec).__name__}: agents cannot be sent to a host"
+            )
+        client_name = client_type if isinstance(client_type, str) else get_qualified_class_name(client_type)
+        try:
+            return launch_request_from_models(
+                guild_spec, agent_spec, messaging_config, machine_id=machine_id, client_type=client_name,
+                client_properties=client_properties, organization_id=self.organization_id,
+                default_topic=default_topic,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpecError(f"launch request cannot be sent as JSON: {exc}") from None
+
+    async def launch(self, request: LaunchRequest) -> AgentRecord:
+        """Places one prepared request, trying hosts in placement order."""
+        self._check_open()
+        key = request.key
+        await self.registry.set_desired(request)
+        try:
+            record = await self._place(request)
+        except AgentAlreadyExistsError:
+            raise  # it runs: keep it desired
+        except BaseException:
+            await asyncio.shield(self._forget_desired(key))
+            raise
+        self._owned[key] = record.host
+        return record
+
+    async def launch_many(self, requests: Sequence[LaunchRequest]) -> list[AgentRecord | BaseException]:
+        """Launches many agents at once (e.g. a whole guild); one result or error per request."""
+        return await asyncio.gather(*(self.launch(r) for r in requests), return_exceptions=True)
+
+    async def _place(self, request: LaunchRequest) -> AgentRecord:
+        refusals: list[str] = []
+        tried: set[str] = set()
+        hosts: list[HostRecord] = []
+        for attempt in range(2):  # the second pass re-reads discovery after refusals
+            hosts = await self._live_hosts(fresh=attempt > 0)
+            order = [h for h in self._order(hosts, request) if h.address not in tried]
+            for host in order:
+                tried.add(host.address)
+                self._in_flight[host.address] += 1
+                try:
+                    return await self.pool.client(host.address).create_agent(request)
+                except (HostFullError, HostUnavailableError) as exc:
+                    # Full or draining or gone: the request did not run there; next host.
+                    refusals.append(f"{host.address}: {exc}")
+                    self._hosts.invalidate()
+                finally:
+                    self._in_flight[host.address] -= 1
+            if not order and attempt == 0:
+                continue
+        if refusals:
+            detail = "; ".join(refusals)
+        elif hosts:
+            detail = "every host is full or draining: " + ", ".join(
+                f"{h.address} {h.state} {h.agents}/{h.capacity or '?'}" for h in hosts
+            )
+        else:
+            detail = f"no live host found by {self.settings.discovery} discovery"
+        raise NoHostAvailableError(f"no host accepted agent {request.key}: {detail}")
+
+    def _order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
+        # Count launches under way so a burst spreads before hosts report the new load.
+        adjusted = [
+            HostRecord(h.address, h.name, h.capacity, h.agents + self._in_flight[h.address], h.state, h.version)
+            for h in hosts
+        ]
+        return self.placement.order(adjusted, request)
+
+    async def _live_hosts(self, fresh: bool = False) -> list[HostRecord]:
+        cached = None if fresh else self._hosts.get()
+        if cached is not None:
+            return cached
+        found = await self.discovery.hosts()
+        if not isinstance(self.discovery, RegistryDiscovery):
+            found = merge_with_registry(found, await self.registry.list_hosts())
+        self._hosts.put(found)
+        await self.pool.retain(h.address for h in found)  # channels of vanished hosts close
+        return found
+
+    async def hosts(self) -> list[HostRecord]:
+        """The hosts placement would consider, with their load and state."""
+        return await self._live_hosts(fresh=True)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    async def stop_agent(self, guild_id: str, agent_id: str) -> None:
+        """Stops the agent wherever it runs. Stopping an agent that is not running is a no-op."""
+        self._check_open()
+        await self._stop(AgentKey(guild_id, agent_id))
+
+    async def _stop(self, key: AgentKey) -> None:
+        await self._forget_desired(key)  # first, so nothing places it again meanwhile
+        self._owned.pop(key, None)
+        record = await self.registry.get_agent(key)
+        if record is None or not record.host:
+            log.info("stop_agent: %s is not registered; nothing to stop", key)
+            return
+        try:
+            await self.pool.client(record.host).stop_agent(key)
+        except AgentNotFoundError:
+            # The host no longer has it (exited, or host restarted): drop the stale entry.
+            await self.registry.remove_agent(key, record.host)
+        except HostUnavailableError:
+            live = {h.address for h in await self.registry.list_hosts()}
+            if record.host in live:
+                raise
+            # Its host is gone and its processes with it; only the entry is left.
+            await self.registry.remove_agent(key, record.host)
+
+    async def _forget_desired(self, key: AgentKey) -> None:
+        try:
+            await self.registry.clear_desired(key)
+        except RusticK8sError as exc:
+            log.warning("could not clear desired state of %s: %s", key, exc)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def is_agent_running(self, guild_id: str, agent_id: str) -> bool:
+        return await self.registry.is_agent_running(AgentKey(guild_id, agent_id))
+
+    async def list_agents(self, guild_id: str) -> list[AgentRecord]:
+        """Live agents of a guild with host, pid and state."""
+        return [r for r in await self.registry.list_guild(guild_id) if r.is_live]
+
+    async def get_agents_in_guild(self, guild_id: str) -> dict[str, AgentSpec]:
+        return {r.agent_id: _spec_of(r) for r in await self.list_agents(guild_id)}
+
+    async def find_agents_by_name(self, guild_id: str, agent_name: str) -> list[AgentSpec]:
+        return [_spec_of(r) for r in await self.list_agents(guild_id) if r.name == agent_name]
+
+    async def agent_info(self, guild_id: str, agent_id: str, output_lines: int = 0) -> AgentRecord:
+        """The host's own view of one agent, with the tail of its output."""
+        key = AgentKey(guild_id, agent_id)
+        record = await self.registry.get_agent(key)
+        if record is None or not record.host:
+            raise AgentNotFoundError(f"agent {key} is not registered")
+        return await self.pool.client(record.host).agent_info(key, output_lines)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HostUnavailableError("engine is shut down")
+        if not self._started:
+            raise RuntimeError("AsyncK8sEngine used before start() (use `async with`)")
+
+
+def _spec_of(record: AgentRecord) -> AgentSpec:
+    return AgentSpec.model_validate_json(record.spec_json)
+
+
