@@ -1,0 +1,162 @@
+"""`rustic-k8s`: run a local cluster and operate a fleet from a terminal.
+
+    rustic-k8s local [--hosts N] [--agents N] [--launch-mode warm|cold] [--exit]
+    rustic-k8s hosts  [-o json]
+    rustic-k8s agents [--guild G] [-o json]
+    rustic-k8s agent GUILD AGENT [--lines N] [-o json]
+    rustic-k8s stop GUILD AGENT
+
+Fleet commands read the registry (--redis-url / RUSTIC_K8S_REDIS_URL, --key-prefix /
+RUSTIC_K8S_KEY_PREFIX) and ask hosts over gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+from ..base.errors import RusticK8sError
+from ..base.models import AgentKey, AgentRecord
+from ..base.settings import EngineSettings
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _age(started_at: float) -> str:
+    if not started_at:
+        return "?"
+    s = int(time.time() - started_at)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _agent_row(r: AgentRecord) -> dict[str, Any]:
+    return {"guild": r.guild_id, "id": r.agent_id, "name": r.name, "class": r.class_name.rsplit(".", 1)[-1],
+            "host": r.host, "pid": r.pid, "state": str(r.state), "restarts": r.restarts,
+            "exit": "" if r.exit_code is None else r.exit_code}
+
+
+async def _fleet(args: argparse.Namespace):
+    from ..engine import AsyncK8sEngine
+
+    overrides = {"redis_url": args.redis_url, "key_prefix": args.key_prefix}
+    settings = EngineSettings.from_env(**overrides)
+    return AsyncK8sEngine(settings, stop_agents_on_shutdown=False)
+
+
+async def cmd_hosts(args: argparse.Namespace) -> int:
+    async with await _fleet(args) as eng:
+        hosts = await eng.registry.list_hosts()
+    if args.output == "json":
+        print(json.dumps([dataclasses.asdict(h) for h in hosts], default=str, indent=2))
+    else:
+        print(_table([{"address": h.address, "name": h.name, "state": str(h.state),
+                       "agents": f"{h.agents}/{h.capacity}", "uptime": _age(h.started_at), "version": h.version}
+                      for h in hosts], ["address", "name", "state", "agents", "uptime", "version"]))
+    return 0
+
+
+async def cmd_agents(args: argparse.Namespace) -> int:
+    async with await _fleet(args) as eng:
+        hosts = await eng.registry.list_hosts()
+        results = await asyncio.gather(
+            *(eng.pool.client(h.address).list_agents(args.guild or "") for h in hosts), return_exceptions=True
+        )
+    records: list[AgentRecord] = []
+    for host, result in zip(hosts, results, strict=True):
+        if isinstance(result, BaseException):
+            print(f"warning: host {host.address} did not answer: {result}", file=sys.stderr)
+        else:
+            records += result
+    records.sort(key=lambda r: (r.guild_id, r.agent_id))
+    if args.output == "json":
+        print(json.dumps([{**dataclasses.asdict(r), "output": None} for r in records], default=str, indent=2))
+    else:
+        print(_table([_agent_row(r) for r in records],
+                     ["guild", "id", "name", "class", "host", "pid", "state", "restarts", "exit"]))
+    return 0
+
+
+async def cmd_agent(args: argparse.Namespace) -> int:
+    async with await _fleet(args) as eng:
+        r = await eng.agent_info(args.guild, args.agent, output_lines=args.lines)
+    if args.output == "json":
+        print(json.dumps(dataclasses.asdict(r), default=str, indent=2))
+    else:
+        for k, v in _agent_row(r).items():
+            print(f"{k + ':':<10} {v}")
+        print(f"{'reason:':<10} {r.reason}\n--- last {len(r.output)} lines of output ---")
+        print("\n".join(r.output))
+    return 0
+
+
+async def cmd_stop(args: argparse.Namespace) -> int:
+    async with await _fleet(args) as eng:
+        record = await eng.registry.get_agent(AgentKey(args.guild, args.agent))
+        if record is None:
+            print(f"agent {args.guild}/{args.agent} is not registered", file=sys.stderr)
+            return 1
+        await eng.stop_agent(args.guild, args.agent)
+    print(f"stopped {args.guild}/{args.agent} on {record.host}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rustic-k8s", description="Run and operate rusticai-k8s agent hosts.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    local = sub.add_parser("local", help="run a guild's agents across local agent hosts (Ctrl-C stops all)")
+    local.add_argument("--hosts", type=int, default=2, help="agent hosts to start (default 2)")
+    local.add_argument("--agents", type=int, default=4, help="relay agents in the demo guild (default 4)")
+    local.add_argument("--launch-mode", choices=["warm", "cold"], default="warm")
+    local.add_argument("--exit", action="store_true", help="stop after the demo instead of waiting for Ctrl-C")
+
+    def fleet(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--redis-url", default=None, help="default: RUSTIC_K8S_REDIS_URL")
+        sp.add_argument("--key-prefix", default=None, help="default: RUSTIC_K8S_KEY_PREFIX or rk8s")
+        sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        return sp
+
+    fleet("hosts", "list agent hosts")
+    agents = fleet("agents", "list agents on every host")
+    agents.add_argument("--guild", default="", help="only this guild")
+    agent = fleet("agent", "show one agent with its recent output")
+    agent.add_argument("guild")
+    agent.add_argument("agent")
+    agent.add_argument("--lines", type=int, default=50)
+    stop = fleet("stop", "stop an agent")
+    stop.add_argument("guild")
+    stop.add_argument("agent")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "local":
+        from .demo import run_demo
+        from .logs import configure_logging
+
+        configure_logging("WARNING")
+        return asyncio.run(run_demo(args.hosts, args.agents, args.launch_mode, stay=not args.exit))
+    handler = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop}[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except RusticK8sError as exc:
+        print(f"rustic-k8s {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

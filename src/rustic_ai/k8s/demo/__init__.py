@@ -1,0 +1,1 @@
+"""Agents for the local-cluster demo; shipped in the package so any host can import them."""
