@@ -144,7 +144,7 @@ class EngineSettings(_EnvSettings):
     redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", "Redis for the location registry.")
     key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
     discovery: str = _field(
-        "registry", ENGINE_PREFIX + "DISCOVERY", "Where hosts come from: registry (hosts that registered) or static."
+        "registry", ENGINE_PREFIX + "DISCOVERY", "Where hosts come from: registry (hosts that registered), static, kubernetes or dns."
     )
     hosts: tuple = _field((), ENGINE_PREFIX + "HOSTS", "Comma-separated host:port list for static discovery.")
     placement: str = _field("least_loaded", ENGINE_PREFIX + "PLACEMENT", "round_robin or least_loaded.")

@@ -215,6 +215,10 @@ class AsyncK8sEngine:
         return self.placement.order(adjusted, request)
 
     async def _live_hosts(self, fresh: bool = False) -> list[HostRecord]:
+        changed = getattr(self.discovery, "changed", None)  # watch-based sources signal changes
+        if isinstance(changed, asyncio.Event) and changed.is_set():
+            changed.clear()
+            fresh = True
         cached = None if fresh else self._hosts.get()
         if cached is not None:
             return cached

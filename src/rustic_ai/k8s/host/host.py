@@ -55,14 +55,9 @@ class AgentHost:
             agent_ttl_s=settings.agent_ttl_s,
             host_ttl_s=settings.host_ttl_s,
         )
-        self.processes = AgentProcessManager(
-            capacity=settings.capacity,
-            launch_timeout_s=settings.launch_timeout_s,
-            stop_grace_s=settings.stop_grace_s,
-            output_lines=settings.output_lines,
-            on_exit=self._on_unexpected_exit,
-            launch_mode=settings.launch_mode,
-        )
+        # Rebuilt in start() once the advertised address is known (agents get it in
+        # their environment); this one only answers health() and listings before that.
+        self.processes = self._new_process_manager()
         self.server = GrpcHostServer(self, settings.listen, max_message_bytes=settings.max_message_bytes)
         self.heartbeat = Heartbeat(
             self.registry,
@@ -86,9 +81,10 @@ class AgentHost:
             return
         self._started = True
         await self.registry.start()
-        await self.processes.start()
-        port = await self.server.start()
+        port = await self.server.start()  # create_agent refuses until state is SERVING
         self.address = await advertised_address(self.settings.listen, port, self.settings.advertise)
+        self.processes = self._new_process_manager({"RUSTIC_AGENT_HOST_ADDRESS": self.address})
+        await self.processes.start()
         self.state = HostState.SERVING
         await self.heartbeat.beat()  # register at once; a Redis outage here is retried by the loop
         self._spawn(self.heartbeat.run(), "heartbeat")
@@ -284,6 +280,18 @@ class AgentHost:
                     self._remember_finished(record)
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _new_process_manager(self, env: dict[str, str] | None = None) -> AgentProcessManager:
+        return AgentProcessManager(
+            capacity=self.settings.capacity,
+            launch_timeout_s=self.settings.launch_timeout_s,
+            stop_grace_s=self.settings.stop_grace_s,
+            output_lines=self.settings.output_lines,
+            on_exit=self._on_unexpected_exit,
+            launch_mode=self.settings.launch_mode,
+            preload=tuple(self.settings.preload),
+            env=env,
+        )
 
     def _remember_finished(self, record: AgentRecord) -> None:
         self._finished[record.key] = record
