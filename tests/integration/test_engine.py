@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from rustic_ai.k8s import AgentState, AsyncK8sEngine
+from rustic_ai.k8s.base.restart import RestartPolicy
 from support.eventually import eventually
 from support.hosts import pid_alive
 from support.probe import guild_spec, responder
@@ -70,7 +71,7 @@ async def test_removing_one_agent_leaves_the_other_running(two_hosts, engine, me
 
 async def test_a_killed_agent_process_is_noticed_and_reported_not_running(two_hosts, engine, messaging):
     g = guild_spec(gid())
-    rec = await engine.run_agent(g, responder("victim"), messaging)
+    rec = await engine.run_agent(g, responder("victim"), messaging, restart=RestartPolicy(max_restarts=0))
     survivor = await engine.run_agent(g, responder("survivor"), messaging)
     os.kill(rec.pid, signal.SIGKILL)
     # Noticed at once by the host, not at the next heartbeat (20 s by default).

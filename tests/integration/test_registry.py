@@ -22,7 +22,7 @@ def key_prefix() -> str:
 
 @pytest.fixture
 async def registry(redis_url, key_prefix):
-    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, host_ttl_s=60) as reg:
+    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, lease_s=60) as reg:
         yield reg
 
 
@@ -108,13 +108,14 @@ async def test_heartbeat_reports_missing_and_lost_agents(registry):
 
 
 async def test_ttl_expires_entries_that_are_not_renewed(redis_url, key_prefix):
-    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=0.3, host_ttl_s=0.3) as reg:
+    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=0.3, lease_s=0.3) as reg:
         await beat(reg, "h1:1")
         await reg.claim_agent(rec("g", "a", "h1:1"))
         await eventually(lambda: reg.list_hosts(), timeout=0.1, what="host listed")  # listed while fresh
         await eventually(lambda: _empty(reg), timeout=5, what="entries expired")
-        # the expired members were pruned from the sets as well
+        # expired guild members were pruned; the dead host waits for a reaper
         assert await reg.redis.scard(reg.keys.guild_agents("g")) == 0
+        assert await reg.reap_dead_hosts("other:1") == ["h1:1"]
         assert await reg.redis.scard(reg.keys.hosts) == 0
 
 
@@ -171,3 +172,32 @@ async def test_agents_of_a_host_whose_lease_lapsed_are_not_running(registry):
     assert not await registry.is_agent_running(AgentKey("g", "a"))
     [r] = await registry.list_guild("g")
     assert not r.host_alive and not r.is_live
+
+
+async def test_reaping_a_dead_host_queues_its_agents_exactly_once(registry):
+    await beat(registry, "dead:1")
+    await beat(registry, "live:1")
+    for a in ("a", "b"):
+        await registry.claim_agent(rec("g", a, "dead:1"))
+    await registry.redis.delete(registry.keys.host("dead:1"))  # its lease lapses
+    reaped = await asyncio.gather(*(registry.reap_dead_hosts(r) for r in ("live:1", "x:1", "y:1")))
+    assert sorted(sum(reaped, [])) == ["dead:1"]  # one reaper won
+    orphans = await registry.pop_orphans(10)
+    assert sorted(orphans) == [AgentKey("g", "a"), AgentKey("g", "b")]
+    assert await registry.pop_orphans(10) == []
+    assert [h.address for h in await registry.list_hosts()] == ["live:1"]
+
+
+async def test_a_host_never_reaps_itself(registry):
+    await registry.redis.sadd(registry.keys.hosts, "me:1")  # listed, lease gone
+    assert await registry.reap_dead_hosts("me:1") == []
+
+
+async def test_desired_state_is_restored_without_overwriting(registry):
+    from rustic_ai.k8s.base.models import LaunchRequest
+
+    old = LaunchRequest(guild_spec={"id": "g"}, agent_spec={"id": "a"}, messaging_config={}, machine_id=1)
+    new = old.model_copy(update={"machine_id": 2})
+    assert await registry.set_desired_if_missing(old)
+    assert not await registry.set_desired_if_missing(new)
+    assert (await registry.desired_request(AgentKey("g", "a"))).machine_id == 1

@@ -58,6 +58,8 @@ class LaunchRequest(BaseModel):
     client_properties: dict[str, Any] = Field(default_factory=dict)
     organization_id: str = ""
     default_topic: str = "default_topic"
+    # A RestartPolicy as a dict; None = AgentSpec.qos.retry_count or the host's default.
+    restart: dict[str, Any] | None = None
 
     @property
     def key(self) -> AgentKey:

@@ -103,9 +103,21 @@ class HostSettings(_EnvSettings):
     )
     name: str = _field("", HOST_PREFIX + "NAME", "Host name in listings; empty = HOSTNAME or the machine's name.")
     capacity: int = _field(100, HOST_PREFIX + "CAPACITY", "Most agents this host runs at once.")
-    heartbeat_s: float = _field(20.0, HOST_PREFIX + "HEARTBEAT_S", "Seconds between registry refreshes.")
+    heartbeat_s: float = _field(20.0, HOST_PREFIX + "HEARTBEAT_S", "Seconds between refreshes of the agents' TTLs.")
     agent_ttl_s: float = _field(60.0, HOST_PREFIX + "AGENT_TTL_S", "Seconds an agent's registry entry lives unrefreshed.")
-    host_ttl_s: float = _field(60.0, HOST_PREFIX + "HOST_TTL_S", "Seconds the host's registry entry lives unrefreshed.")
+    lease_s: float = _field(
+        5.0, HOST_PREFIX + "LEASE_S",
+        "Host lease: seconds without renewal before others declare this host dead and re-place its agents.",
+    )
+    lease_renew_s: float = _field(1.0, HOST_PREFIX + "LEASE_RENEW_S", "Seconds between lease renewals.")
+    fence_margin_s: float = _field(
+        1.0, HOST_PREFIX + "FENCE_MARGIN_S",
+        "A host that could not renew for lease_s minus this stops its own agents (self-fencing).",
+    )
+    max_restarts: int = _field(5, HOST_PREFIX + "MAX_RESTARTS", "Restarts of a crashed agent allowed per window.")
+    restart_window_s: float = _field(60.0, HOST_PREFIX + "RESTART_WINDOW_S", "Window of the restart limit.")
+    restart_backoff_s: float = _field(1.0, HOST_PREFIX + "RESTART_BACKOFF_S", "First restart delay (doubles).")
+    restart_backoff_max_s: float = _field(60.0, HOST_PREFIX + "RESTART_BACKOFF_MAX_S", "Cap of the restart delay.")
     launch_timeout_s: float = _field(60.0, HOST_PREFIX + "LAUNCH_TIMEOUT_S", "Seconds an agent has to report ready.")
     stop_grace_s: float = _field(10.0, HOST_PREFIX + "STOP_GRACE_S", "Seconds between SIGTERM and SIGKILL.")
     drain_timeout_s: float = _field(25.0, HOST_PREFIX + "DRAIN_TIMEOUT_S", "Seconds a drain may take in all.")
@@ -124,7 +136,12 @@ class HostSettings(_EnvSettings):
         self._require(self.capacity > 0, "capacity", "must be at least 1")
         self._require(self.heartbeat_s > 0, "heartbeat_s", "must be positive")
         self._require(self.agent_ttl_s > self.heartbeat_s, "agent_ttl_s", "must exceed the heartbeat interval")
-        self._require(self.host_ttl_s > self.heartbeat_s, "host_ttl_s", "must exceed the heartbeat interval")
+        self._require(self.lease_renew_s > 0, "lease_renew_s", "must be positive")
+        self._require(
+            self.lease_s > self.lease_renew_s + self.fence_margin_s, "lease_s",
+            "must exceed lease_renew_s + fence_margin_s",
+        )
+        self._require(self.max_restarts >= 0, "max_restarts", "must not be negative")
         self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
         self._require(self.stop_grace_s >= 0, "stop_grace_s", "must not be negative")
         self._require(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
@@ -155,6 +172,15 @@ class EngineSettings(_EnvSettings):
     )
     discovery_refresh_s: float = _field(
         2.0, ENGINE_PREFIX + "DISCOVERY_REFRESH_S", "Seconds a host listing is reused before it is read again."
+    )
+    probe_timeout_s: float = _field(
+        1.0, ENGINE_PREFIX + "PROBE_TIMEOUT_S",
+        "Deadline of the Health probe sent before a launch to a host not heard from lately (frozen or "
+        "partitioned hosts are skipped after this long instead of after the launch deadline).",
+    )
+    max_restarts: int = _field(
+        -1, ENGINE_PREFIX + "MAX_RESTARTS",
+        "Restarts of a crashed agent allowed per window for agents this engine launches; -1 = the host's default.",
     )
     # Discovery "kubernetes": watch the EndpointSlices of the agent hosts' Service.
     k8s_namespace: str = _field(

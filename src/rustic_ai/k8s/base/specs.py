@@ -47,9 +47,18 @@ def build_launch_request(
     client_properties_json: bytes | str = b"",
     organization_id: str = "",
     default_topic: str = "",
+    restart_policy_json: bytes | str = b"",
 ) -> LaunchRequest:
     """Builds a request from wire fields, with an error that names the bad field."""
     props = _loads_object(client_properties_json, "client_properties_json") if client_properties_json else {}
+    restart = _loads_object(restart_policy_json, "restart_policy_json") if restart_policy_json else None
+    if restart is not None:
+        from .restart import RestartPolicy
+
+        try:
+            restart = RestartPolicy.model_validate(restart).model_dump()
+        except ValidationError as exc:
+            raise InvalidSpecError(f"invalid restart policy: {_short(exc)}") from None
     fields: dict[str, Any] = {
         "guild_spec": _loads_object(guild_spec_json, "guild_spec_json"),
         "agent_spec": _loads_object(agent_spec_json, "agent_spec_json"),
@@ -57,6 +66,7 @@ def build_launch_request(
         "machine_id": machine_id,
         "client_properties": props,
         "organization_id": organization_id,
+        "restart": restart,
     }
     if client_type:
         fields["client_type"] = client_type

@@ -29,7 +29,7 @@ _FLAGS = {
     "--capacity": "capacity",
     "--heartbeat-s": "heartbeat_s",
     "--agent-ttl-s": "agent_ttl_s",
-    "--host-ttl-s": "host_ttl_s",
+    "--lease-s": "lease_s",
     "--launch-timeout-s": "launch_timeout_s",
     "--stop-grace-s": "stop_grace_s",
     "--max-message-bytes": "max_message_bytes",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
 
@@ -27,10 +28,12 @@ from ..base.errors import (
     HostFullError,
     HostUnavailableError,
     InvalidSpecError,
+    LaunchTimeoutError,
     NoHostAvailableError,
     RusticK8sError,
 )
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
+from ..base.restart import RestartPolicy
 from ..base.settings import EngineSettings
 from ..base.specs import launch_request_from_models
 from ..placement import (
@@ -47,6 +50,8 @@ from ..protocol import ChannelPool
 from ..registry import LocationRegistry
 
 log = logging.getLogger(__name__)
+
+_FRESH_S = 2.0  # a host that answered within this long is not probed before a launch
 
 
 class AsyncK8sEngine:
@@ -80,6 +85,7 @@ class AsyncK8sEngine:
         self._hosts = CachedHosts(self.settings.discovery_refresh_s)
         self._in_flight: collections.Counter[str] = collections.Counter()  # launches under way per host
         self._owned: dict[AgentKey, str] = {}  # agents this engine launched -> host
+        self._heard_from: dict[str, float] = {}  # host -> monotonic time of its last good answer
         self._started = False
         self._closed = False
 
@@ -126,10 +132,16 @@ class AsyncK8sEngine:
         client_type: type[Client] | str = SimpleClient,
         client_properties: dict[str, Any] | None = None,
         default_topic: str = "default_topic",
+        restart: RestartPolicy | None = None,
     ) -> AgentRecord:
-        """Starts the agent on one host; returns once it is subscribed, with host and pid."""
+        """Starts the agent on one host; returns once it is subscribed, with host and pid.
+
+        ``restart`` overrides how a crashed agent is restarted (else ``AgentSpec.qos.retry_count``
+        as the restart limit, else RUSTIC_K8S_MAX_RESTARTS, else the host's default).
+        """
         request = self.build_request(
-            guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
+            guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic,
+            restart=restart,
         )
         return await self.launch(request)
 
@@ -142,6 +154,7 @@ class AsyncK8sEngine:
         client_type: type[Client] | str = SimpleClient,
         client_properties: dict[str, Any] | None = None,
         default_topic: str = "default_topic",
+        restart: RestartPolicy | None = None,
     ) -> LaunchRequest:
         if not isinstance(agent_spec, AgentSpec):
             raise InvalidSpecError(
@@ -149,13 +162,18 @@ class AsyncK8sEngine:
             )
         client_name = client_type if isinstance(client_type, str) else get_qualified_class_name(client_type)
         try:
-            return launch_request_from_models(
+            request = launch_request_from_models(
                 guild_spec, agent_spec, messaging_config, machine_id=machine_id, client_type=client_name,
                 client_properties=client_properties, organization_id=self.organization_id,
                 default_topic=default_topic,
             )
         except (TypeError, ValueError) as exc:
             raise InvalidSpecError(f"launch request cannot be sent as JSON: {exc}") from None
+        if restart is None and self.settings.max_restarts >= 0 and agent_spec.qos.retry_count is None:
+            restart = RestartPolicy(max_restarts=self.settings.max_restarts)
+        if restart is not None:
+            request = request.model_copy(update={"restart": restart.model_dump()})
+        return request
 
     async def launch(self, request: LaunchRequest) -> AgentRecord:
         """Places one prepared request, trying hosts in placement order."""
@@ -187,10 +205,20 @@ class AsyncK8sEngine:
                 tried.add(host.address)
                 self._in_flight[host.address] += 1
                 try:
-                    return await self.pool.client(host.address).create_agent(request)
-                except (HostFullError, HostUnavailableError) as exc:
+                    client = self.pool.client(host.address)
+                    if time.monotonic() - self._heard_from.get(host.address, 0.0) > _FRESH_S:
+                        # Not heard from lately: a cheap probe first, so a frozen or cut-off
+                        # host costs probe_timeout_s, not the whole launch deadline.
+                        await client.health(timeout=self.settings.probe_timeout_s)
+                    record = await client.create_agent(request)
+                    self._heard_from[host.address] = time.monotonic()
+                    return record
+                except (HostFullError, HostUnavailableError, LaunchTimeoutError) as exc:
+                    # LaunchTimeoutError here is the probe's deadline (nothing was launched) or a
+                    # launch that timed out; another host may still claim the agent: the
+                    # exclusive claim refuses it if the first attempt did start it.
                     # Full or draining or gone: the request did not run there; next host.
-                    refusals.append(f"{host.address}: {exc}")
+                    refusals.append(str(exc))
                     self._hosts.invalidate()
                 finally:
                     self._in_flight[host.address] -= 1

@@ -61,6 +61,8 @@ def _stop_at_exit() -> None:
     if loop is not None and thread is not None and thread.is_alive():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+    if loop is not None and not loop.is_running() and not loop.is_closed():
+        loop.close()
 
 
 atexit.register(_stop_at_exit)

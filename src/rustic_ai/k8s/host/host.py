@@ -1,12 +1,16 @@
 """The agent host: runs agents as OS processes and keeps the registry true about them.
 
 `AgentHost` implements the protocol's `HostApi`; the grpc adapter in front of it turns
-its errors into status codes. It owns, in start order: the registry client, the process
-manager, the gRPC server and the heartbeat task. `shutdown()` drains in fixed phases:
-state DRAINING (health NOT_SERVING, registry says draining, new agents refused) → stop
-every agent (SIGTERM, grace, SIGKILL) → remove them and the host from the registry
-(shielded from cancellation) → stop the server → close clients. It is safe to call twice
-or before start.
+its errors into status codes. It owns, in start order: the registry client, the gRPC
+server, the process manager (built once the advertised address is known), and three
+tasks — the heartbeat (lease, TTLs, self-fencing), the reconciler (re-placing agents of
+dead or draining hosts) and one restart timer per crashed agent.
+
+`shutdown()` drains in fixed phases: state DRAINING (health NOT_SERVING, registry says
+draining, new agents refused with UNAVAILABLE) → every agent stopped (SIGTERM, grace,
+SIGKILL) and handed to the fleet's orphan queue, so other hosts start it again (stop
+first, then start: never two live copies) → host removed from the registry (shielded
+from cancellation) → server stopped → clients closed. Safe to call twice or before start.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -26,8 +31,10 @@ from ..base.errors import (
     HostFullError,
     HostUnavailableError,
     RegistryUnavailableError,
+    RusticK8sError,
 )
 from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from ..base.restart import RestartPolicy, RestartTracker
 from ..base.settings import HostSettings
 from ..base.specs import parse_launch
 from ..base.version import VERSION
@@ -36,10 +43,21 @@ from ..protocol import GrpcHostServer
 from ..registry import LocationRegistry
 from .address import advertised_address
 from .heartbeat import Heartbeat
+from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
 _FINISHED_KEPT = 1000  # exited agents remembered for GetAgentInfo/ListAgents
+
+
+@dataclasses.dataclass
+class _Agent:
+    """What the host knows of one agent it owns, running or waiting to restart."""
+
+    record: AgentRecord
+    request: LaunchRequest
+    tracker: RestartTracker
+    restart_task: asyncio.Task | None = None
 
 
 class AgentHost:
@@ -53,22 +71,41 @@ class AgentHost:
             settings.redis_url,
             settings.key_prefix,
             agent_ttl_s=settings.agent_ttl_s,
-            host_ttl_s=settings.host_ttl_s,
+            lease_s=settings.lease_s,
         )
         # Rebuilt in start() once the advertised address is known (agents get it in
         # their environment); this one only answers health() and listings before that.
         self.processes = self._new_process_manager()
         self.server = GrpcHostServer(self, settings.listen, max_message_bytes=settings.max_message_bytes)
+        self.default_restart = RestartPolicy(
+            max_restarts=settings.max_restarts,
+            window_s=settings.restart_window_s,
+            backoff_initial_s=settings.restart_backoff_s,
+            backoff_max_s=settings.restart_backoff_max_s,
+        )
         self.heartbeat = Heartbeat(
             self.registry,
-            interval_s=settings.heartbeat_s,
+            lease_s=settings.lease_s,
+            renew_s=settings.lease_renew_s,
+            fence_margin_s=settings.fence_margin_s,
+            agents_every_s=settings.heartbeat_s,
             host_record=self.health,
-            agents=lambda: [p.key for p in self.processes.list()],
+            agents=lambda: list(self._agents),
             on_missing=self._reregister,
             on_lost=self._stop_lost,
+            on_fence=self._fence,
+            on_recover=self._recover_fenced,
         )
-        self._records: dict[AgentKey, AgentRecord] = {}  # agents this host launched and still runs
+        self.reconciler = Reconciler(
+            self.registry,
+            address=lambda: self.address,
+            interval_s=settings.lease_renew_s,
+            free_slots=self._free_slots,
+            adopt=self.create_agent,
+        )
+        self._agents: dict[AgentKey, _Agent] = {}  # owned: running, starting or waiting to restart
         self._finished: collections.OrderedDict[AgentKey, AgentRecord] = collections.OrderedDict()
+        self._fenced: dict[AgentKey, LaunchRequest] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self._stopped = asyncio.Event()
@@ -88,8 +125,9 @@ class AgentHost:
         self.state = HostState.SERVING
         await self.heartbeat.beat()  # register at once; a Redis outage here is retried by the loop
         self._spawn(self.heartbeat.run(), "heartbeat")
-        log.info("agent host %s serving on %s (capacity %d, version %s)", self.name, self.address,
-                 self.settings.capacity, VERSION)
+        self._spawn(self.reconciler.run(), "reconciler")
+        log.info("agent host %s serving on %s (capacity %d, %s launches, version %s)", self.name, self.address,
+                 self.settings.capacity, self.settings.launch_mode, VERSION)
 
     async def shutdown(self, reason: str = "shutdown") -> None:
         """Drains and stops; returns when every agent process has exited."""
@@ -97,29 +135,36 @@ class AgentHost:
             if not self._started or self._stopped.is_set():
                 self._stopped.set()
                 return
-            log.info("agent host %s draining (%s): %d agents", self.name, reason, len(self.processes))
+            log.info("agent host %s draining (%s): %d agents", self.name, reason, len(self._agents))
             self.state = HostState.DRAINING
             await self.server.set_serving(False)
             with contextlib.suppress(RegistryUnavailableError):
                 await self.registry.set_host_state(self.address, HostState.DRAINING)
-            keys = [p.key for p in self.processes.list()]
-            await asyncio.gather(*(self._stop_one(k, reason) for k in keys), return_exceptions=True)
-            await self.processes.close()
+            try:
+                async with asyncio.timeout(self.settings.drain_timeout_s):
+                    await self._hand_off_all(reason)
+            except TimeoutError:
+                log.error("drain did not finish within %.0f s; killing what is left", self.settings.drain_timeout_s)
+            await self.processes.close()  # SIGKILLs anything a timed-out drain left
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             # Deregistration must finish even if our caller is being cancelled.
             with contextlib.suppress(RegistryUnavailableError, asyncio.CancelledError):
-                await asyncio.shield(self._deregister_all(keys))
+                await asyncio.shield(self.registry.remove_host(self.address))
             await self.server.stop(grace_s=1.0)
             await self.registry.close()
             self._stopped.set()
             log.info("agent host %s stopped", self.name)
 
-    async def _deregister_all(self, keys: list[AgentKey]) -> None:
-        for key in keys:
-            await self.registry.remove_agent(key, self.address)
-        await self.registry.remove_host(self.address)
+    async def _hand_off_all(self, reason: str) -> None:
+        keys = list(self._agents)
+        results = await asyncio.gather(*(self._stop_one(k, f"host draining ({reason})") for k in keys),
+                                       return_exceptions=True)
+        stopped = [k for k, r in zip(keys, results, strict=True) if not isinstance(r, BaseException)]
+        # Other hosts start these again if the engine still wants them (desired state).
+        with contextlib.suppress(RegistryUnavailableError):
+            await self.registry.push_orphans(stopped)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -146,11 +191,13 @@ class AgentHost:
     async def create_agent(self, request: LaunchRequest) -> AgentRecord:
         if self.state != HostState.SERVING:
             raise HostUnavailableError(f"host {self.address} is {self.state}; place the agent elsewhere")
+        if self.heartbeat.fenced:
+            raise HostUnavailableError(f"host {self.address} cannot renew its lease; place the agent elsewhere")
         parsed = parse_launch(request)
         key = AgentKey(parsed.guild_spec.id, parsed.agent_spec.id)
-        if self.processes.get(key) is not None or key in self._records:
+        if key in self._agents:
             raise AgentAlreadyExistsError(f"agent {key} is already running on host {self.address}")
-        if len(self.processes) >= self.settings.capacity:
+        if len(self._agents) >= self.settings.capacity:
             raise HostFullError(f"host {self.address} is full ({self.settings.capacity} agents)")
         record = AgentRecord(
             guild_id=key.guild_id,
@@ -162,69 +209,76 @@ class AgentHost:
             state=AgentState.STARTING,
             started_at=time.time(),
         )
+        policy = RestartPolicy.for_request(request.restart, request.agent_spec, self.default_restart)
         # Claim before launching: a concurrent launch of the same agent on another host
         # loses here instead of producing a second live copy.
         claim = await self.registry.claim_agent(record)
         if not claim.ok:
             raise AgentAlreadyExistsError(f"agent {key} is already running on host {claim.owner}")
-        self._records[key] = record
+        agent = self._agents[key] = _Agent(record, request, RestartTracker(policy))
+        self._finished.pop(key, None)
         try:
             proc = await self.processes.launch(request)
         except BaseException:
-            self._records.pop(key, None)
+            self._agents.pop(key, None)
             with contextlib.suppress(RegistryUnavailableError):
                 await asyncio.shield(self.registry.remove_agent(key, self.address))
             raise
-        record.pid = proc.pid
-        record.state = AgentState.RUNNING
-        record.started_at = proc.started_at
-        with contextlib.suppress(RegistryUnavailableError):  # the next heartbeat repairs it
-            await self.registry.update_agent(key, self.address, state=AgentState.RUNNING, pid=proc.pid,
-                                             started_at=repr(proc.started_at))
+        await self._mark_running(agent, proc)
         log.info("agent %s (%s) running on %s, pid %d", key, record.class_name, self.address, proc.pid)
-        return self._snapshot(record, proc)
+        return self._snapshot(agent.record, proc)
 
     async def stop_agent(self, key: AgentKey) -> AgentRecord:
-        if self.processes.get(key) is not None:
+        if key in self._agents:
             return await self._stop_one(key, "stopped on request")
         finished = self._finished.pop(key, None)
+        self._fenced.pop(key, None)
         if finished is None:
             raise AgentNotFoundError(f"agent {key} is not on host {self.address}")
         with contextlib.suppress(RegistryUnavailableError):
             await self.registry.remove_agent(key, self.address)
         return finished
 
-    async def _stop_one(self, key: AgentKey, reason: str) -> AgentRecord:
-        record = self._records.get(key)
-        if record is not None:
-            record.state = AgentState.STOPPING
-            with contextlib.suppress(RegistryUnavailableError):
-                await self.registry.update_agent(key, self.address, state=AgentState.STOPPING)
-        proc = await self.processes.stop(key)
-        record = self._records.pop(key, None) or self._record_of(proc)
+    async def _stop_one(self, key: AgentKey, reason: str, grace_s: float | None = None) -> AgentRecord:
+        agent = self._agents[key]
+        if agent.restart_task is not None:
+            agent.restart_task.cancel()
+        agent.record.state = AgentState.STOPPING
+        with contextlib.suppress(RegistryUnavailableError):
+            await self.registry.update_agent(key, self.address, state=AgentState.STOPPING)
+        proc: AgentProcess | None = None
+        if self.processes.get(key) is not None:
+            with contextlib.suppress(AgentNotFoundError):  # it may exit on its own meanwhile
+                proc = await self.processes.stop(key, grace_s)
+        self._agents.pop(key, None)
+        record = agent.record
         record.state = AgentState.STOPPED
-        record.exit_code = proc.exit_code
         record.reason = reason
+        if proc is not None:
+            record.exit_code = proc.exit_code
         with contextlib.suppress(RegistryUnavailableError):
             await self.registry.remove_agent(key, self.address)
-        log.info("agent %s stopped (%s), exit code %s", key, reason, proc.exit_code)
+        log.info("agent %s stopped (%s), exit code %s", key, reason, record.exit_code)
         return self._snapshot(record, proc)
 
     async def agent_info(self, key: AgentKey, output_lines: int) -> AgentRecord:
         proc = self.processes.get(key)
-        record = self._records.get(key) if proc is not None else self._finished.get(key)
+        agent = self._agents.get(key)
+        record = agent.record if agent is not None else self._finished.get(key)
         if record is None:
             raise AgentNotFoundError(f"agent {key} is not on host {self.address}")
         snap = self._snapshot(record, proc)
-        if output_lines > 0:
-            snap.output = record.output[-output_lines:] if proc is None else proc.output.tail(output_lines)
-        else:
+        if output_lines <= 0:
             snap.output = []
+        elif proc is not None:
+            snap.output = proc.output.tail(output_lines)
+        else:
+            snap.output = record.output[-output_lines:]
         return snap
 
     async def list_agents(self, guild_id: str) -> list[AgentRecord]:
-        records = [self._snapshot(r, self.processes.get(k)) for k, r in self._records.items()]
-        records += list(self._finished.values())
+        records = [self._snapshot(a.record, self.processes.get(k)) for k, a in self._agents.items()]
+        records += [dataclasses.replace(r) for r in self._finished.values()]
         out = [r for r in records if not guild_id or r.guild_id == guild_id]
         for r in out:
             r.output = []
@@ -235,49 +289,136 @@ class AgentHost:
             address=self.address,
             name=self.name,
             capacity=self.settings.capacity,
-            agents=len(self.processes),
+            agents=len(self._agents),
             state=self.state,
             version=VERSION,
             started_at=self.started_at,
         )
 
-    # -- reactions -------------------------------------------------------------------------
+    # -- crashes and restarts ----------------------------------------------------------------
 
     async def _on_unexpected_exit(self, proc: AgentProcess) -> None:
-        """An agent process exited without being asked: record it at once, not at the next beat."""
-        key = proc.key
-        record = self._records.pop(key, None) or self._record_of(proc)
-        record.state = AgentState.FAILED
+        """An agent process exited without being asked: noticed at once, not at the next beat."""
+        agent = self._agents.get(proc.key)
+        if agent is None or agent.record.state == AgentState.STOPPING:
+            return
+        record = agent.record
         record.exit_code = proc.exit_code
-        record.reason = f"process exited unexpectedly with code {proc.exit_code}"
         record.output = proc.output.tail(self.settings.output_lines)
-        self._remember_finished(record)
-        log.warning("agent %s on %s exited with code %s", key, self.address, proc.exit_code)
+        now = time.monotonic()
+        delay = agent.tracker.on_exit(now, ran_for_s=max(0.0, time.time() - record.started_at))
+        if delay is None or self.state != HostState.SERVING:
+            record.state = AgentState.FAILED
+            limit = agent.tracker.policy.max_restarts
+            record.reason = (f"exited with code {proc.exit_code}; "
+                             + ("not restarted (restarts disabled)" if limit == 0 else
+                                f"gave up after {agent.tracker.total} restarts (limit {limit} in "
+                                f"{agent.tracker.policy.window_s:.0f} s)"))
+            self._agents.pop(proc.key, None)
+            self._remember_finished(record)
+            log.warning("agent %s on %s failed: %s", proc.key, self.address, record.reason)
+            await self._update_quietly(proc.key, state=AgentState.FAILED, exit_code=proc.exit_code,
+                                       reason=record.reason)
+            return
+        record.state = AgentState.RESTARTING
+        record.reason = f"exited with code {proc.exit_code}; restart {agent.tracker.total} in {delay:.1f} s"
+        log.warning("agent %s on %s %s", proc.key, self.address, record.reason)
+        await self._update_quietly(proc.key, state=AgentState.RESTARTING, exit_code=proc.exit_code,
+                                   reason=record.reason)
+        agent.restart_task = self._spawn(self._restart_after(agent, delay), f"restart:{proc.key}")
+
+    async def _restart_after(self, agent: _Agent, delay: float) -> None:
+        await asyncio.sleep(delay)  # the backoff itself, not a synchronisation
+        key = agent.record.key
+        if self._agents.get(key) is not agent or self.state != HostState.SERVING:
+            return
+        agent.restart_task = None
         try:
-            await self.registry.update_agent(key, self.address, state=AgentState.FAILED,
-                                             exit_code=proc.exit_code, reason=record.reason)
-        except RegistryUnavailableError as exc:
-            log.warning("could not record the exit of %s: %s", key, exc)
+            proc = await self.processes.launch(agent.request)
+        except RusticK8sError as exc:
+            log.warning("restart of %s failed: %s", key, exc)
+            fake = _ExitedBeforeReady(key, agent.request, exc)
+            await self._on_unexpected_exit(fake)  # counts against the same limit
+            return
+        agent.record.restarts += 1
+        await self._mark_running(agent, proc)
+        log.info("agent %s restarted on %s, pid %d (restart %d)", key, self.address, proc.pid,
+                 agent.record.restarts)
+
+    async def _mark_running(self, agent: _Agent, proc: AgentProcess) -> None:
+        record = agent.record
+        record.pid, record.state, record.started_at = proc.pid, AgentState.RUNNING, proc.started_at
+        await self._update_quietly(record.key, state=AgentState.RUNNING, pid=proc.pid,
+                                   started_at=repr(proc.started_at), restarts=record.restarts,
+                                   reason=record.reason)
+
+    async def _update_quietly(self, key: AgentKey, **fields) -> None:
+        try:
+            await self.registry.update_agent(key, self.address, **fields)
+        except RegistryUnavailableError as exc:  # the next heartbeat re-registers from our table
+            log.warning("could not record %s of %s: %s", fields.get("state"), key, exc)
+
+    # -- registry repairs, fencing -----------------------------------------------------------
 
     async def _reregister(self, keys: list[AgentKey], host_was_missing: bool) -> None:
         for key in keys:
-            record = self._records.get(key)
-            if record is None:
+            agent = self._agents.get(key)
+            if agent is None:
                 continue
-            claim = await self.registry.claim_agent(record)
+            claim = await self.registry.claim_agent(agent.record)
             if not claim.ok:
                 await self._stop_lost([key])
+            elif host_was_missing:
+                # Redis came back empty: restore what the engine wanted, from what runs here.
+                await self.registry.set_desired_if_missing(agent.request)
 
     async def _stop_lost(self, keys: list[AgentKey]) -> None:
         for key in keys:
-            if self.processes.get(key) is not None:
-                with contextlib.suppress(AgentNotFoundError):
-                    proc = await self.processes.stop(key)
-                    record = self._records.pop(key, None) or self._record_of(proc)
-                    record.state = AgentState.STOPPED
-                    record.reason = "another host owns this agent now"
-                    record.exit_code = proc.exit_code
-                    self._remember_finished(record)
+            if key in self._agents:
+                record = await self._stop_one(key, "another host owns this agent now")
+                self._remember_finished(record)
+
+    def _free_slots(self) -> int:
+        if self.state != HostState.SERVING or self.heartbeat.fenced:
+            return 0
+        return max(0, self.settings.capacity - len(self._agents))
+
+    async def _fence(self) -> None:
+        """Lease about to lapse: stop every agent now, before another host may start it."""
+        agents = list(self._agents.items())
+        for key, agent in agents:
+            self._fenced[key] = agent.request
+        await asyncio.gather(*(self._stop_fenced(k) for k, _ in agents), return_exceptions=True)
+
+    async def _stop_fenced(self, key: AgentKey) -> None:
+        agent = self._agents.pop(key, None)
+        if agent is None:
+            return
+        if agent.restart_task is not None:
+            agent.restart_task.cancel()
+        agent.record.state = AgentState.STOPPING  # so the exit is not taken for a crash
+        if self.processes.get(key) is not None:
+            with contextlib.suppress(AgentNotFoundError):
+                await self.processes.stop(key, grace_s=0.0)
+        agent.record.state = AgentState.STOPPED
+        agent.record.reason = "fenced: host lease could not be renewed"
+        self._remember_finished(agent.record)
+
+    async def _recover_fenced(self) -> None:
+        """Lease renewed again: take back fenced agents nobody else has started meanwhile."""
+        fenced, self._fenced = self._fenced, {}
+        for key, request in fenced.items():
+            try:
+                await self.registry.set_desired_if_missing(request)
+                if await self.registry.desired_request(key) is None or await self.registry.is_agent_running(key):
+                    continue
+                await self.create_agent(request)
+            except AgentAlreadyExistsError:
+                continue
+            except RusticK8sError as exc:
+                log.warning("could not take back fenced agent %s: %s; queued for any host", key, exc)
+                with contextlib.suppress(RegistryUnavailableError):
+                    await self.registry.push_orphans([key])
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -299,18 +440,22 @@ class AgentHost:
         while len(self._finished) > _FINISHED_KEPT:
             self._finished.popitem(last=False)
 
-    def _record_of(self, proc: AgentProcess) -> AgentRecord:
-        spec = proc.request.agent_spec
-        return AgentRecord(
-            guild_id=proc.key.guild_id, agent_id=proc.key.agent_id, name=str(spec.get("name", "")),
-            class_name=str(spec.get("class_name", "")), host=self.address, pid=proc.pid, started_at=proc.started_at,
-        )
-
     @staticmethod
     def _snapshot(record: AgentRecord, proc: AgentProcess | None) -> AgentRecord:
-        import dataclasses
-
         snap = dataclasses.replace(record, output=list(record.output))
         if proc is not None:
             snap.pid = proc.pid
         return snap
+
+
+class _ExitedBeforeReady:
+    """Stands for a restart attempt that never became a process, so it counts as a crash."""
+
+    def __init__(self, key: AgentKey, request: LaunchRequest, exc: Exception) -> None:
+        from ..process import OutputBuffer
+
+        self.key = key
+        self.request = request
+        self.exit_code = None
+        self.output = OutputBuffer(50)
+        self.output.append(f"restart failed: {type(exc).__name__}: {exc}")

@@ -36,7 +36,7 @@ def _to_error(address: str, method: str, err: grpc.aio.AioRpcError) -> RusticK8s
         return RusticK8sError(f"{method} on host {address} failed with {code.name}: {details}")
     if code == grpc.StatusCode.UNAVAILABLE and not details.strip():
         details = "host unreachable"
-    return cls(f"host {address}: {details}")
+    return cls(details if address in details else f"host {address}: {details}")
 
 
 class HostClient:
@@ -62,6 +62,7 @@ class HostClient:
             client_properties_json=json.dumps(request.client_properties).encode(),
             organization_id=request.organization_id,
             default_topic=request.default_topic,
+            restart_policy_json=json.dumps(request.restart).encode() if request.restart else b"",
         )
         reply = await self._call("CreateAgent", msg, timeout or self._launch_timeout_s)
         return convert.agent_from_pb(reply.agent)

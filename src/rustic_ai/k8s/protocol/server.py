@@ -61,6 +61,7 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
                 client_properties_json=request.client_properties_json,
                 organization_id=request.organization_id,
                 default_topic=request.default_topic,
+                restart_policy_json=request.restart_policy_json,
             )
             record = await self.api.create_agent(launch)
         except (RusticK8sError, Exception) as exc:  # noqa: BLE001 - every failure becomes a status

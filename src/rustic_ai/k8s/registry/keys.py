@@ -9,6 +9,7 @@ cannot make two keys collide):
     p:agent:{guild}:{agent}      HASH  AgentRecord with the full AgentSpec JSON; TTL = agent TTL
     p:guild:{guild}:agents       SET   agent ids of the guild (membership without SCAN)
     p:desired:{guild}            HASH  agent id -> LaunchRequest JSON the engine wants running
+    p:orphans                    LIST  "guild\x1fagent" members to place again (dead or draining host)
 
 Agent ids repeat across guilds (the conformance suite reuses "initiator"), so every
 agent key carries its guild.
@@ -50,6 +51,10 @@ class Keys:
 
     def guild_agents(self, guild_id: str) -> str:
         return f"{self.prefix}:guild:{_enc(guild_id)}:agents"
+
+    @property
+    def orphans(self) -> str:
+        return f"{self.prefix}:orphans"
 
     def desired(self, guild_id: str) -> str:
         return f"{self.prefix}:desired:{_enc(guild_id)}"

@@ -93,12 +93,12 @@ class LocationRegistry:
         key_prefix: str = "rk8s",
         *,
         agent_ttl_s: float = 60.0,
-        host_ttl_s: float = 60.0,
+        lease_s: float = 5.0,
         socket_timeout_s: float = 5.0,
     ) -> None:
         self.keys = Keys(key_prefix)
         self.agent_ttl_ms = int(agent_ttl_s * 1000)
-        self.host_ttl_ms = int(host_ttl_s * 1000)
+        self.host_ttl_ms = int(lease_s * 1000)
         self._url = redis_url
         self._socket_timeout_s = socket_timeout_s
         self._redis: aioredis.Redis | None = None
@@ -123,6 +123,7 @@ class LocationRegistry:
         self._list_guild = r.register_script(scripts.LIST_GUILD)
         self._list_hosts = r.register_script(scripts.LIST_HOSTS)
         self._is_running = r.register_script(scripts.IS_RUNNING)
+        self._reap = r.register_script(scripts.REAP_HOSTS)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -291,6 +292,47 @@ class LocationRegistry:
     async def clear_desired(self, key: AgentKey) -> None:
         async with self._guard("clear_desired"):
             await self.redis.hdel(self.keys.desired(key.guild_id), key.agent_id)
+
+    async def set_desired_if_missing(self, request: LaunchRequest) -> bool:
+        """Restores a desired-state entry (after Redis lost it) without overwriting a newer one."""
+        key = request.key
+        async with self._guard("set_desired_if_missing"):
+            return bool(
+                await self.redis.hsetnx(self.keys.desired(key.guild_id), key.agent_id, request.model_dump_json())
+            )
+
+    async def desired_request(self, key: AgentKey) -> LaunchRequest | None:
+        async with self._guard("desired_request"):
+            text = await self.redis.hget(self.keys.desired(key.guild_id), key.agent_id)
+        if text is None:
+            return None
+        try:
+            return LaunchRequest.model_validate_json(text)
+        except ValueError:
+            log.warning("desired state of %s is not a valid launch request; ignored", key)
+            return None
+
+    # -- orphans: agents to place again ------------------------------------------------------
+
+    async def reap_dead_hosts(self, reaper: str) -> list[str]:
+        """Moves the agents of hosts whose lease expired onto the orphan queue; returns the hosts."""
+        async with self._guard("reap_dead_hosts"):
+            return list(
+                await self._reap(keys=[self.keys.hosts, self.keys.orphans], args=[f"{self.keys.prefix}:host:", reaper])
+            )
+
+    async def push_orphans(self, keys: Iterable[AgentKey]) -> None:
+        members = [Keys.member(k) for k in keys]
+        if members:
+            async with self._guard("push_orphans"):
+                await self.redis.rpush(self.keys.orphans, *members)
+
+    async def pop_orphans(self, count: int) -> list[AgentKey]:
+        if count <= 0:
+            return []
+        async with self._guard("pop_orphans"):
+            members = await self.redis.lpop(self.keys.orphans, count)
+        return [Keys.parse_member(m) for m in members or []]
 
     async def desired(self, guild_id: str) -> dict[str, LaunchRequest]:
         async with self._guard("desired"):

@@ -107,16 +107,15 @@ return out
 """
 
 # KEYS: hosts set; ARGV: host key prefix
-# Returns {address, HGETALL, SCARD(agents)} per live host; prunes hosts whose lease expired.
+# Returns {address, HGETALL, SCARD(agents)} per live host. Dead hosts are left for REAP_HOSTS,
+# which needs their agent sets.
 LIST_HOSTS = """
 local out = {}
 for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
   local key = ARGV[1] .. enc
   local h = redis.call('HGETALL', key)
-  if #h == 0 then
-    redis.call('SREM', KEYS[1], addr)
-  else
+  if #h > 0 then
     table.insert(out, {addr, h, redis.call('SCARD', key .. ':agents')})
   end
 end
@@ -132,4 +131,24 @@ local state, host_key = v[1], v[2]
 if not (state == 'starting' or state == 'running' or state == 'restarting') then return 0 end
 if not host_key then return 0 end
 return redis.call('EXISTS', host_key)
+"""
+
+# KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address
+# Finds hosts whose lease expired, moves the agents they owned onto the orphans queue and
+# forgets the host — atomically, so exactly one reaper takes each dead host's agents.
+# Returns the reaped addresses.
+REAP_HOSTS = """
+local reaped = {}
+for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
+  local key = ARGV[1] .. enc
+  if addr ~= ARGV[2] and redis.call('EXISTS', key) == 0 then
+    local members = redis.call('SMEMBERS', key .. ':agents')
+    for _, m in ipairs(members) do redis.call('RPUSH', KEYS[2], m) end
+    redis.call('DEL', key .. ':agents')
+    redis.call('SREM', KEYS[1], addr)
+    table.insert(reaped, addr)
+  end
+end
+return reaped
 """

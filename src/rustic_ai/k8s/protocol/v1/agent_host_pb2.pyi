@@ -36,7 +36,7 @@ HOST_STATE_SERVING: HostState
 HOST_STATE_DRAINING: HostState
 
 class CreateAgentRequest(_message.Message):
-    __slots__ = ("guild_spec_json", "agent_spec_json", "messaging_config_json", "machine_id", "client_type", "client_properties_json", "organization_id", "default_topic")
+    __slots__ = ("guild_spec_json", "agent_spec_json", "messaging_config_json", "machine_id", "client_type", "client_properties_json", "organization_id", "default_topic", "restart_policy_json")
     GUILD_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     AGENT_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     MESSAGING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class CreateAgentRequest(_message.Message):
     CLIENT_PROPERTIES_JSON_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    RESTART_POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     guild_spec_json: bytes
     agent_spec_json: bytes
     messaging_config_json: bytes
@@ -53,7 +54,8 @@ class CreateAgentRequest(_message.Message):
     client_properties_json: bytes
     organization_id: str
     default_topic: str
-    def __init__(self, guild_spec_json: _Optional[bytes] = ..., agent_spec_json: _Optional[bytes] = ..., messaging_config_json: _Optional[bytes] = ..., machine_id: _Optional[int] = ..., client_type: _Optional[str] = ..., client_properties_json: _Optional[bytes] = ..., organization_id: _Optional[str] = ..., default_topic: _Optional[str] = ...) -> None: ...
+    restart_policy_json: bytes
+    def __init__(self, guild_spec_json: _Optional[bytes] = ..., agent_spec_json: _Optional[bytes] = ..., messaging_config_json: _Optional[bytes] = ..., machine_id: _Optional[int] = ..., client_type: _Optional[str] = ..., client_properties_json: _Optional[bytes] = ..., organization_id: _Optional[str] = ..., default_topic: _Optional[str] = ..., restart_policy_json: _Optional[bytes] = ...) -> None: ...
 
 class CreateAgentResponse(_message.Message):
     __slots__ = ("agent",)
