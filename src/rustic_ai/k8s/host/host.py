@@ -368,8 +368,9 @@ class AgentHost:
             claim = await self.registry.claim_agent(agent.record)
             if not claim.ok:
                 await self._stop_lost([key])
-            elif host_was_missing:
-                # Redis came back empty: restore what the engine wanted, from what runs here.
+            else:
+                # The entry vanished (Redis restarted empty, or an outage outlived the TTL):
+                # restore what the engine wanted from what runs here; never overwrite.
                 await self.registry.set_desired_if_missing(agent.request)
 
     async def _stop_lost(self, keys: list[AgentKey]) -> None:

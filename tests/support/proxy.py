@@ -1,0 +1,85 @@
+"""A TCP proxy on loopback that a test can cut: a network partition for one client.
+
+`cut()` closes every relayed connection and makes new ones hang (accepted, never
+relayed) — what a host sees when packets to Redis are dropped. `heal()` restores it.
+Runs on its own event loop thread so synchronous and asynchronous tests can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from .redis_server import free_port
+
+
+class CuttableProxy:
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
+        self._open = True
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> CuttableProxy:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
+        return self
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._open:
+            self._writers.add(writer)  # blackhole: hold the connection, relay nothing
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while self._open and (data := await src.read(65536)):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        def do() -> None:
+            self._open = False
+            for w in list(self._writers):
+                w.transport.abort()
+            self._writers.clear()
+
+        self._loop.call_soon_threadsafe(do)
+
+    def heal(self) -> None:
+        def do() -> None:
+            for w in list(self._writers):
+                w.transport.abort()
+            self._writers.clear()
+            self._open = True
+
+        self._loop.call_soon_threadsafe(do)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
