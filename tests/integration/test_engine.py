@@ -11,26 +11,13 @@ import pytest
 from rustic_ai.k8s import AgentState, AsyncK8sEngine
 from rustic_ai.k8s.base.restart import RestartPolicy
 from support.eventually import eventually
+from support.fleet import answers
 from support.hosts import pid_alive
 from support.probe import guild_spec, responder
 
 
 def gid() -> str:
     return f"guild-{uuid.uuid4().hex[:8]}"
-
-
-async def answers(probe, agent_id: str, timeout: float = 15.0) -> bool:
-    """Says hello until the agent acknowledges (the first hello may race its subscription)."""
-    probe.clear()
-
-    async def check():
-        if not probe.acks_from(agent_id):
-            probe.hello()
-            return False
-        return True
-
-    await eventually(check, timeout=timeout, interval=0.3, what=f"{agent_id} answering")
-    return True
 
 
 async def test_agents_run_in_separate_processes_spread_over_hosts(two_hosts, engine, messaging, probe_factory):

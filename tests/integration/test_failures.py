@@ -15,8 +15,8 @@ import uuid
 import pytest
 
 from rustic_ai.k8s import AgentState, AsyncK8sEngine, RegistryUnavailableError
-from rustic_ai.k8s.base.models import AgentKey
 from support.eventually import eventually
+from support.fleet import answers, live_copies
 from support.hosts import HostProcess, pid_alive, start_hosts
 from support.probe import guild_spec, responder
 from support.proxy import CuttableProxy
@@ -74,34 +74,6 @@ async def engine(redis_url, prefix, engine_settings):
 
 def gid() -> str:
     return f"guild-{uuid.uuid4().hex[:8]}"
-
-
-async def answers(probe, agent_id: str, timeout: float = 15.0) -> bool:
-    probe.clear()
-
-    async def check():
-        if not probe.acks_from(agent_id):
-            probe.hello()
-            return False
-        return True
-
-    await eventually(check, timeout=timeout, interval=0.3, what=f"{agent_id} answering")
-    return True
-
-
-async def live_copies(engine, hosts_: list[HostProcess], key: AgentKey) -> list[tuple[str, int]]:
-    """(host, pid) of every running copy of the agent, asking every host that answers."""
-    copies = []
-    for h in hosts_:
-        if h.proc.poll() is not None:
-            continue
-        try:
-            records = await engine.pool.client(h.address).list_agents(key.guild_id, timeout=2)
-        except Exception:  # noqa: BLE001 - a host that does not answer runs nothing we can see
-            continue
-        copies += [(h.address, r.pid) for r in records
-                   if r.agent_id == key.agent_id and r.state == AgentState.RUNNING and pid_alive(r.pid)]
-    return copies
 
 
 async def test_a_crashed_agent_is_restarted_with_backoff_then_marked_failed(hosts, engine, messaging,

@@ -19,6 +19,8 @@ from typing import Any, Self
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from ..base.errors import RegistryUnavailableError
 from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
@@ -114,6 +116,10 @@ class LocationRegistry:
             socket_timeout=self._socket_timeout_s,
             socket_connect_timeout=self._socket_timeout_s,
             health_check_interval=15,
+            # A pooled connection goes stale when Redis restarts; every operation here is
+            # safe to repeat, so retry on a fresh connection instead of failing the call.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
         r = self._redis
         self._claim = r.register_script(scripts.CLAIM_AGENT)
