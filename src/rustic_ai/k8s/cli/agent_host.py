@@ -73,8 +73,12 @@ async def serve(settings: HostSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with AgentHost(settings) as host:
         print(f"rustic-agent-host ready on {host.address}", flush=True)
-        await stop.wait()
-        log.info("signal received; draining")
+        signalled = asyncio.create_task(stop.wait(), name="signal")
+        requested = asyncio.create_task(host.drain_requested.wait(), name="drain-request")
+        await asyncio.wait({signalled, requested}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (signalled, requested):
+            task.cancel()
+        log.info("draining: %s", host.drain_reason or "signal received")
     # AgentHost.__aexit__ drained and deregistered.
 
 

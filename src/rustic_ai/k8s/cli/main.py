@@ -5,6 +5,7 @@
     rustic-k8s agents [--guild G] [-o json]
     rustic-k8s agent GUILD AGENT [--lines N] [-o json]
     rustic-k8s stop GUILD AGENT
+    rustic-k8s drain HOST [--no-wait]
 
 Fleet commands read the registry (--redis-url / RUSTIC_K8S_REDIS_URL, --key-prefix /
 RUSTIC_K8S_KEY_PREFIX) and ask hosts over gRPC.
@@ -112,6 +113,25 @@ async def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_drain(args: argparse.Namespace) -> int:
+    async with await _fleet(args) as eng:
+        if not await eng.registry.request_drain(args.host, f"rustic-k8s drain ({args.reason})"):
+            print(f"no live host {args.host} (see `rustic-k8s hosts`)", file=sys.stderr)
+            return 1
+        print(f"drain requested for {args.host}; its agents move to other hosts", flush=True)
+        if not args.wait:
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout
+        while loop.time() < deadline:
+            if args.host not in {h.address for h in await eng.registry.list_hosts()}:
+                print(f"{args.host} drained and left the fleet")
+                return 0
+            await asyncio.sleep(0.25)
+    print(f"{args.host} still listed after {args.timeout:.0f} s", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rustic-k8s", description="Run and operate rusticai-k8s agent hosts.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     stop = fleet("stop", "stop an agent")
     stop.add_argument("guild")
     stop.add_argument("agent")
+    drain = fleet("drain", "drain a host: its agents move to other hosts, then it exits")
+    drain.add_argument("host", help="the host's address, as `rustic-k8s hosts` lists it")
+    drain.add_argument("--reason", default="operator")
+    drain.add_argument("--no-wait", dest="wait", action="store_false", help="return once requested")
+    drain.add_argument("--timeout", type=float, default=40.0)
     return p
 
 
@@ -150,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging("WARNING")
         return asyncio.run(run_demo(args.hosts, args.agents, args.launch_mode, stay=not args.exit))
-    handler = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop}[args.command]
+    handler = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop,
+               "drain": cmd_drain}[args.command]
     try:
         return asyncio.run(handler(args))
     except RusticK8sError as exc:

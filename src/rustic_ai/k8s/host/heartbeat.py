@@ -41,6 +41,7 @@ class Heartbeat:
         on_lost: Callable[[list[AgentKey]], Awaitable[None]],
         on_fence: Callable[[], Awaitable[None]],
         on_recover: Callable[[], Awaitable[None]],
+        on_drain_requested: Callable[[str], None] = lambda _reason: None,
     ) -> None:
         self._registry = registry
         self._lease_s = lease_s
@@ -53,6 +54,7 @@ class Heartbeat:
         self._on_lost = on_lost
         self._on_fence = on_fence
         self._on_recover = on_recover
+        self._on_drain_requested = on_drain_requested
         self._wake = asyncio.Event()
         self._refresh_agents = True
         self._agents_at = 0.0
@@ -92,6 +94,8 @@ class Heartbeat:
         if result.lost:
             log.warning("agents claimed by another host, stopping local copies: %s", [str(k) for k in result.lost])
             await self._on_lost(result.lost)
+        if result.drain_requested:
+            self._on_drain_requested(result.drain_requested)
         return result
 
     async def run(self) -> None:

@@ -95,6 +95,7 @@ class AgentHost:
             on_lost=self._stop_lost,
             on_fence=self._fence,
             on_recover=self._recover_fenced,
+            on_drain_requested=self._drain_requested,
         )
         self.reconciler = Reconciler(
             self.registry,
@@ -110,6 +111,10 @@ class AgentHost:
         self._started = False
         self._stopped = asyncio.Event()
         self._shutdown_lock = asyncio.Lock()
+        # Set when an operator asks this host to drain; the entry point then shuts down
+        # exactly as on SIGTERM.
+        self.drain_requested = asyncio.Event()
+        self.drain_reason = ""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -378,6 +383,12 @@ class AgentHost:
             if key in self._agents:
                 record = await self._stop_one(key, "another host owns this agent now")
                 self._remember_finished(record)
+
+    def _drain_requested(self, reason: str) -> None:
+        if not self.drain_requested.is_set():
+            log.warning("drain requested through the registry: %s", reason)
+            self.drain_reason = reason
+            self.drain_requested.set()
 
     def _free_slots(self) -> int:
         if self.state != HostState.SERVING or self.heartbeat.fenced:

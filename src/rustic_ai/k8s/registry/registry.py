@@ -37,6 +37,7 @@ class HeartbeatResult:
     missing: list[AgentKey]  # not in Redis any more: re-register them
     lost: list[AgentKey]  # another host owns them now: stop our copy
     host_was_missing: bool  # our own entry had gone (lease expired or Redis restarted empty)
+    drain_requested: str = ""  # an operator asked this host to drain (`rustic-k8s drain`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +221,7 @@ class LocationRegistry:
         }
         flat = [item for pair in fields.items() for item in pair]
         async with self._guard("heartbeat"):
-            missing, lost, existed = await self._heartbeat(
+            missing, lost, existed, drain = await self._heartbeat(
                 keys=[k.host(host.address), k.hosts, k.host_agents(host.address), *(k.agent(a) for a in agent_list)],
                 args=[self.host_ttl_ms, self.agent_ttl_ms, host.address, len(fields), *flat,
                       *(k.member(a) for a in agent_list)],
@@ -229,6 +230,7 @@ class LocationRegistry:
             missing=[agent_list[i - 1] for i in missing],
             lost=[agent_list[i - 1] for i in lost],
             host_was_missing=not existed,
+            drain_requested=drain or "",
         )
 
     async def remove_host(self, address: str) -> None:
@@ -238,6 +240,18 @@ class LocationRegistry:
                 pipe.delete(k.host(address), k.host_agents(address))
                 pipe.srem(k.hosts, address)
                 await pipe.execute()
+
+    async def request_drain(self, address: str, reason: str = "requested by operator") -> bool:
+        """Asks a live host to drain; it notices at its next lease renewal. False if no such host."""
+        key = self.keys.host(address)
+        async with self._guard("request_drain"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.exists(key)
+                pipe.hsetnx(key, "drain_requested", reason or "requested")
+                exists, _ = await pipe.execute()
+            if not exists:
+                await self.redis.delete(key)  # HSETNX created a stray hash: no such host
+        return bool(exists)
 
     async def set_host_state(self, address: str, state: HostState) -> None:
         async with self._guard("set_host_state"):

@@ -59,7 +59,8 @@ return 1
 # ARGV: host ttl ms, agent ttl ms, address, n field pairs, field, value, ..., member 1..n
 # Renews the host lease and every agent the host runs in one round trip. Returns
 # {missing indexes, lost indexes, host_was_missing}: missing = entry gone (expired or
-# Redis restarted: re-register it), lost = another host owns it now (stop our copy).
+# Redis restarted: re-register it), lost = another host owns it now (stop our copy);
+# drain = the reason an operator asked this host to drain, or empty.
 HEARTBEAT = """
 local host_existed = redis.call('EXISTS', KEYS[1])
 local npairs = tonumber(ARGV[4])
@@ -82,7 +83,8 @@ for i = 4, #KEYS do
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
   end
 end
-return {missing, lost, host_existed}
+local drain = redis.call('HGET', KEYS[1], 'drain_requested') or ''
+return {missing, lost, host_existed, drain}
 """
 
 # KEYS: guild set; ARGV: agent key prefix (encoded guild)
