@@ -24,7 +24,7 @@ from rustic_ai.k8s import AsyncK8sEngine
 from rustic_ai.k8s.base.models import AgentKey
 from support.eventually import eventually
 from support.fleet import live_copies, processes_with_env
-from support.hosts import HostProcess, start_hosts
+from support.hosts import HostProcess, pid_alive, start_hosts
 from support.probe import Probe, guild_spec, redis_messaging, responder
 from support.redis_server import RedisServer
 
@@ -84,14 +84,19 @@ async def test_chaos_keeps_every_agent_running_exactly_once(engine_settings):
             await checkpoint(engine, fleet, g.id, wanted, probe, answer=True)
             next_id = 12
             for n in range(FAULTS):
+                print(f"fault {n}: ", end="", flush=True)
                 fault = rng.choice(["kill_agent", "kill_agent", "sigkill_host", "sigterm_host", "restart_redis",
                                     "launch_and_stop"])
                 log.append(fault)
+                print(fault, flush=True)
                 if fault == "kill_agent":
                     victim = rng.choice(sorted(wanted))
                     rec = await eventually(lambda v=victim: engine.registry.get_agent(AgentKey(g.id, v)), timeout=10)
                     if rec.pid:
                         _kill(rec.pid)
+                        # Check only once the kill has landed; a checkpoint in the instant
+                        # before would see the old copy alive.
+                        await eventually(lambda p=rec.pid: not pid_alive(p), timeout=5, what="victim gone")
                 elif fault == "sigkill_host":
                     rng.choice(fleet.live).kill()
                     fleet.start(1)
@@ -149,7 +154,9 @@ async def checkpoint(engine, fleet: Fleet, guild_id: str, wanted: set[str], prob
     await eventually(exactly_once, timeout=30, interval=0.2, what=f"every agent running exactly once: {sorted(wanted)}")
     # A duplicate can never be transient-and-fine: check again right away, on every host.
     for a in wanted:
-        assert len(await live_copies(engine, fleet.live, AgentKey(guild_id, a))) == 1
+        copies = await live_copies(engine, fleet.live, AgentKey(guild_id, a))
+        record = await engine.registry.get_agent(AgentKey(guild_id, a))
+        assert len(copies) == 1, f"{a}: copies {copies}, registry {record}, hosts {[h.address for h in fleet.live]}"
     if answer:
         async def all_answer() -> bool:
             missing = [a for a in wanted if not probe.acks_from(a)]

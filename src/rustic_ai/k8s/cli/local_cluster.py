@@ -139,6 +139,12 @@ class LocalCluster:
         host.address = text.rsplit(" ", 1)[-1]
         self.progress(f"{name} ready at {host.address} (pid {proc.pid})")
 
+    async def add_host(self) -> LocalHost:
+        """Starts one more host (a replacement pod, a scale-out)."""
+        name = f"host-{len(self.hosts) + 1}"
+        await self._start_host(name)
+        return next(h for h in self.hosts if h.name == name)
+
     async def stop_host(self, host: LocalHost, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if host.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
