@@ -67,9 +67,8 @@ class AgentHost:
         self.state = HostState.STARTING
         self.address = ""
         self.started_at = time.time()
-        self.registry = LocationRegistry(
-            settings.redis_url,
-            settings.key_prefix,
+        self.registry = LocationRegistry.from_settings(
+            settings,
             agent_ttl_s=settings.agent_ttl_s,
             lease_s=settings.lease_s,
         )
@@ -351,6 +350,10 @@ class AgentHost:
                  agent.record.restarts)
 
     async def _mark_running(self, agent: _Agent, proc: AgentProcess) -> None:
+        # The process may already have died (on_exit ran while launch() was returning):
+        # never let a late RUNNING overwrite the FAILED or RESTARTING it recorded.
+        if not proc.running or self._agents.get(agent.record.key) is not agent:
+            return
         record = agent.record
         record.pid, record.state, record.started_at = proc.pid, AgentState.RUNNING, proc.started_at
         await self._update_quietly(record.key, state=AgentState.RUNNING, pid=proc.pid,

@@ -15,13 +15,20 @@ classified: a request that can never work (bad JSON, spec validation, an agent c
 cannot be imported or is not an Agent, a bad client type) is ``invalid_spec`` and exit
 code 2; anything else raised while building or subscribing is ``launch`` and exit code 3.
 
-Shutdown is SIGTERM (or SIGINT): the handler only sets an event, the main thread then
-calls ``AgentWrapper.shutdown()`` (unsubscribe, unregister, close messaging) and exits 0.
-rusticai-core's messaging runs its own threads; that is fine here, a child never forks.
+Shutdown is SIGTERM (or SIGINT): the handler only sets a flag, the main thread (woken
+through ``signal.set_wakeup_fd``, see ``_StopSignal``) then calls
+``AgentWrapper.shutdown()`` (unsubscribe, unregister, close messaging) and exits 0 with
+``os._exit``, so no leftover messaging thread can hold the exit up. rusticai-core's
+messaging runs its own threads; that is fine here, a child never forks.
+
+PR_SET_PDEATHSIG is armed first thing in ``main()``; the imports that precede it (this
+package, rusticai-core: about a second) cannot be avoided under ``-m``, and a host that
+died during them is caught by the parent-pid check right after arming.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -101,8 +108,6 @@ def _configure_logging(raw: bytes) -> None:
     # The agent id goes into every line: a host keeps each agent's output apart, but
     # people read these lines after they were copied elsewhere too.
     try:
-        import json
-
         data = json.loads(raw)
         label = f"{data['guild_spec'].get('id', '?')}/{data['agent_spec'].get('id', '?')}"
     except Exception:

@@ -103,7 +103,6 @@ class ForkServer:
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = os.pipe()
-        self.children: set[int] = set()
 
     def serve(self, hello: dict[str, Any]) -> int:
         os.set_blocking(self.wakeup_w, False)
@@ -164,7 +163,6 @@ class ForkServer:
         pid = os.fork()
         if pid == 0:
             become_agent(self, *fds)
-        self.children.add(pid)
         try:
             os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race
         except OSError:
@@ -186,7 +184,6 @@ class ForkServer:
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
             self._send({"event": "exit", "pid": pid, "exit": os.waitstatus_to_exitcode(status)})
 
     def _send(self, event: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -257,7 +254,7 @@ def main() -> int:
     began = time.monotonic()
     extra = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
     PRELOADED.extend(preload(extra))
-    import_s = time.monotonic() - began
+    preload_s = time.monotonic() - began
     # Everything imported so far lives as long as the server: move it out of the collector's
     # sight, so a child's collections do not write to (and so un-share) those pages.
     gc.collect()
@@ -266,9 +263,9 @@ def main() -> int:
     if threads != 1:
         log.error("fork server: %d threads are running after the preload; forking is unsafe "
                   "(a module in RUSTIC_AGENT_HOST_PRELOAD probably starts one)", threads)
-    log.info("fork server ready: %d modules preloaded in %.2f s", len(PRELOADED), import_s)
+    log.info("fork server ready: %d modules preloaded in %.2f s", len(PRELOADED), preload_s)
     hello = {"event": "hello", "pid": os.getpid(), "preloaded": PRELOADED, "threads": threads,
-             "import_s": round(import_s, 3), "modules": len(sys.modules)}
+             "preload_s": round(preload_s, 3), "modules": len(sys.modules)}
     return ForkServer(sock).serve(hello)
 
 

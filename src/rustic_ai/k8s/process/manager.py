@@ -219,13 +219,16 @@ class AgentProcessManager:
                 proc._launched.set_result(False)
                 await self._kill(proc)
             log.warning("agent %s did not report ready within %.1f s; killed", key, self.launch_timeout_s)
+            which = f"agent {key}" + (f" (pid {proc.pid}, killed)" if proc is not None else "")
             raise LaunchTimeoutError(
-                f"agent {key} did not report ready within {self.launch_timeout_s:.1f} s" + self._tail(proc)
+                f"{which} did not report ready within {self.launch_timeout_s:.1f} s" + self._tail(proc)
             ) from None
-        except BaseException:
+        except BaseException as exc:
             if proc is not None:
                 proc._launched.set_result(False)
                 await self._kill(proc)
+            if self._closing and isinstance(exc, AgentLaunchError):  # killed by close(), not by its own fault
+                raise HostUnavailableError(f"the host is shutting down; agent {key} was not started") from exc
             raise
         # No await between here and the return: the table and the outcome change together.
         proc.launch_s = time.monotonic() - began

@@ -58,18 +58,20 @@ class _ForkServer:
         self.proc = proc
         self.pid = proc.pid
         self.sock = sock
+        self.fd = sock.fileno()  # kept: fileno() reads -1 once the socket is closed
         self.hello: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.lost = asyncio.Event()
         self.closing = False
         self.output = OutputBuffer(200)
         self._pending: dict[int, asyncio.Future[tuple[int, int | None]]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
+        self._writable: set[asyncio.Future[None]] = set()  # sends waiting for room in the socket
         self._next_id = 0
         self._tasks = [
             asyncio.create_task(self._log_output(), name=f"fork-server-output:{self.pid}"),
             asyncio.create_task(self._watch(), name=f"fork-server-exit:{self.pid}"),
         ]
-        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self.loop.add_reader(self.fd, self._on_readable)
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -138,9 +140,11 @@ class _ForkServer:
             return
         self.lost.set()
         log.log(logging.INFO if self.closing else logging.WARNING, "fork server %d %s", self.pid, why)
-        self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        self._close_socket()
         error = AgentLaunchError(f"the fork server (pid {self.pid}) {why}" + self._tail())
+        for waiter in self._writable:
+            if not waiter.done():
+                waiter.set_exception(error)
         if not self.hello.done():
             self.hello.set_exception(error)
         for fut in self._pending.values():
@@ -151,6 +155,13 @@ class _ForkServer:
             if not fut.done():
                 fut.set_result(KILLED_WITH_SERVER)
         self._exits.clear()
+
+    def _close_socket(self) -> None:
+        # Once only: after close() the fd number may belong to someone else's file.
+        if self.sock.fileno() != -1:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+            self.sock.close()
 
     def _tail(self) -> str:
         lines = self.output.tail(20)
@@ -183,13 +194,16 @@ class _ForkServer:
             try:
                 socket.send_fds(self.sock, [data], fds)
                 return
-            except BlockingIOError:  # the server is behind; wait until the socket drains
-                ready = self.loop.create_future()
-                self.loop.add_writer(self.sock.fileno(), ready.set_result, None)
+            except BlockingIOError:  # the server is behind; wait until the socket drains (or it dies)
+                ready: asyncio.Future[None] = self.loop.create_future()
+                self._writable.add(ready)
+                self.loop.add_writer(self.fd, lambda: ready.done() or ready.set_result(None))
                 try:
                     await ready
                 finally:
-                    self.loop.remove_writer(self.sock.fileno())
+                    self._writable.discard(ready)
+                    if self.sock.fileno() != -1:
+                        self.loop.remove_writer(self.fd)
             except OSError as exc:
                 self._lose(f"cannot be written to: {exc}")
                 raise AgentLaunchError(f"the fork server (pid {self.pid}) is gone: {exc}") from None
@@ -197,9 +211,7 @@ class _ForkServer:
     async def close(self, timeout_s: float = 5.0) -> None:
         """Closes the socket (the server exits on end of file); kills it if it lingers."""
         self.closing = True
-        if not self.lost.is_set():
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        self._close_socket()
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout_s)
         except TimeoutError:
@@ -338,12 +350,23 @@ class ForkServerLauncher(Launcher):
         if hello.get("threads", 1) != 1:
             log.error("fork server %d runs %s threads; forked agents may deadlock", server.pid, hello.get("threads"))
         log.info("fork server %d ready (%d modules preloaded in %.2f s)", server.pid,
-                 len(hello.get("preloaded", [])), hello.get("import_s", 0.0))
+                 len(hello.get("preloaded", [])), hello.get("preload_s", 0.0))
         return server
 
     async def spawn(self, request: LaunchRequest) -> SpawnedProcess:
         data = request.model_dump_json().encode()
         server = await self._ensure_server()
+        try:
+            return await self._spawn_on(server, data)
+        except AgentLaunchError:
+            # A server that died a moment ago may not have been noticed yet when this launch
+            # began; that is no fault of the request, so it gets one more try on a new server.
+            if not server.lost.is_set() or self._closed:
+                raise
+            log.warning("fork server %d died during a launch; retrying on a new one", server.pid)
+            return await self._spawn_on(await self._ensure_server(), data)
+
+    async def _spawn_on(self, server: _ForkServer, data: bytes) -> SpawnedProcess:
         loop = asyncio.get_running_loop()
         cleanup: list[Callable[[], None]] = []
         child_ends: list[int] = []
