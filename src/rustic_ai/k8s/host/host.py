@@ -67,8 +67,9 @@ class AgentHost:
         self.state = HostState.STARTING
         self.address = ""
         self.started_at = time.time()
-        self.registry = LocationRegistry.from_settings(
-            settings,
+        self.registry = LocationRegistry(
+            settings.redis_url,
+            settings.key_prefix,
             agent_ttl_s=settings.agent_ttl_s,
             lease_s=settings.lease_s,
         )
