@@ -16,6 +16,16 @@ Protocol, over a SOCK_SEQPACKET Unix socket the host passes in (fd number in
     server -> host  {"event": "forked", "id": N, "pid": C}   + fds [pidfd of C]
     server -> host  {"event": "fork_error", "id": N, "message": "..."}
     server -> host  {"event": "exit", "pid": C, "exit": code}   (after reaping C; negative = signal)
+    host -> server  {"op": "learn", "module": "pkg.agents"}   (no fds)
+    server -> host  {"event": "learned", "module": "pkg.agents", "ok": true|false, "reason": "..."}
+
+Learning (adaptive preload): the first launch of an agent class pays for importing the
+class's module in the child. After it the host asks the server to learn that module, so
+later forks of the class start with it imported. An import runs arbitrary top-level code,
+and a module that starts a thread would make every later fork unsafe, so the server
+first imports it in a throwaway forked child that reports, through its exit code, whether
+the import worked and left the process single-threaded; only then does the server import
+it itself. ``RUSTIC_AGENT_HOST_LEARN_PRELOAD=0`` turns learning off.
 
 The host creates all three pipes, so it holds the other ends and the request itself goes
 down the child's stdin exactly as for a cold start; the server never sees it. The pidfd
@@ -97,12 +107,22 @@ def os_thread_count() -> int:
         return threading.active_count()
 
 
+LEARN_ENV = "RUSTIC_AGENT_HOST_LEARN_PRELOAD"
+_TRIAL_OK, _TRIAL_IMPORT_FAILED, _TRIAL_THREADS = 0, 1, 2
+
+
+def _module_name_ok(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) < 256 and all(p.isidentifier() for p in name.split("."))
+
+
 class ForkServer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = os.pipe()
+        self.learning = os.environ.get(LEARN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        self._trials: dict[int, str] = {}  # pid of a trial-import child -> module
 
     def serve(self, hello: dict[str, Any]) -> int:
         os.set_blocking(self.wakeup_w, False)
@@ -130,6 +150,9 @@ class ForkServer:
     def _handle(self, msg: bytes, fds: list[int]) -> None:
         try:
             request = json.loads(msg)
+            if isinstance(request, dict) and request.get("op") == "learn" and not fds:
+                self._learn(request.get("module"))
+                return
             req_id = request["id"]
             if request.get("op") != "fork" or len(fds) != FDS_PER_FORK:
                 raise ValueError(f"bad request {msg[:200]!r} with {len(fds)} fds")
@@ -169,6 +192,49 @@ class ForkServer:
             pass
         return pid
 
+    def _learn(self, module: object) -> None:
+        if not _module_name_ok(module):
+            self._send({"event": "learned", "module": str(module)[:200], "ok": False, "reason": "bad module name"})
+            return
+        assert isinstance(module, str)
+        if not self.learning:
+            self._send({"event": "learned", "module": module, "ok": False, "reason": "learning is off"})
+            return
+        if module in sys.modules or module in self._trials.values():
+            self._send({"event": "learned", "module": module, "ok": module in sys.modules, "reason": "known"})
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:  # the trial: import, count threads, report through the exit code
+            code = _TRIAL_IMPORT_FAILED
+            try:
+                self.release_in_child()
+                importlib.import_module(module)
+                code = _TRIAL_OK if os_thread_count() == 1 else _TRIAL_THREADS
+            finally:
+                os._exit(code)
+        self._trials[pid] = module
+
+    def _trial_done(self, module: str, code: int) -> None:
+        if code == _TRIAL_THREADS:
+            reason = "importing it starts threads; forking after that would be unsafe"
+        elif code != _TRIAL_OK:
+            reason = f"trial import failed (exit {code})"
+        else:
+            try:
+                importlib.import_module(module)
+                gc.collect()
+                gc.freeze()
+            except Exception as exc:  # noqa: BLE001 - the trial passed; report, do not die
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                PRELOADED.append(module)
+                self._send({"event": "learned", "module": module, "ok": True, "reason": ""})
+                return
+        log.info("fork server: not preloading %s: %s", module, reason)
+        self._send({"event": "learned", "module": module, "ok": False, "reason": reason})
+
     def _drain_wakeup(self) -> None:
         try:
             while os.read(self.wakeup_r, 512):
@@ -184,6 +250,9 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            if pid in self._trials:
+                self._trial_done(self._trials.pop(pid), os.waitstatus_to_exitcode(status))
+                continue
             self._send({"event": "exit", "pid": pid, "exit": os.waitstatus_to_exitcode(status)})
 
     def _send(self, event: dict[str, Any], fds: list[int] | None = None) -> None:

@@ -61,6 +61,9 @@ class _ForkServer:
         self.fd = sock.fileno()  # kept: fileno() reads -1 once the socket is closed
         self.hello: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.lost = asyncio.Event()
+        self.learn_asked: set[str] = set()  # modules this server was asked to preload
+        self.learned_ok: set[str] = set()  # and those it did
+        self.learn_refused: dict[str, str] = {}  # module -> why the server would not preload it
         self.closing = False
         self.output = OutputBuffer(200)
         self._pending: dict[int, asyncio.Future[tuple[int, int | None]]] = {}
@@ -117,6 +120,14 @@ class _ForkServer:
         elif kind == "hello":
             if not self.hello.done():
                 self.hello.set_result(event)
+        elif kind == "learned":
+            module = str(event.get("module"))
+            if event.get("ok"):
+                self.learned_ok.add(module)
+                log.info("fork server %d now preloads %s", self.pid, module)
+            else:
+                self.learn_refused[module] = str(event.get("reason"))
+                log.info("fork server %d will not preload %s: %s", self.pid, module, event.get("reason"))
         for fd in fds[1:] if kind == "forked" else fds:
             os.close(fd)
 
@@ -187,6 +198,13 @@ class _ForkServer:
             exit_fut = self.loop.create_future()
             exit_fut.set_result(KILLED_WITH_SERVER)
         return pid, pidfd, exit_fut
+
+    async def learn(self, module: str) -> None:
+        """Asks the server to preload ``module`` for later forks (once per module and server)."""
+        if module in self.learn_asked:
+            return
+        self.learn_asked.add(module)
+        await self._send({"op": "learn", "module": module}, [])
 
     async def _send(self, event: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(event, separators=(",", ":")).encode()
@@ -290,6 +308,18 @@ class ForkServerLauncher(Launcher):
         self._closed = False
 
     @property
+    def learned(self) -> set[str]:
+        """Modules the current fork server learned to preload (adaptive preload)."""
+        server = self._server
+        return set(server.learned_ok) if server is not None else set()
+
+    @property
+    def learn_refusals(self) -> dict[str, str]:
+        """Modules the current fork server would not preload, with the reason."""
+        server = self._server
+        return dict(server.learn_refused) if server is not None else {}
+
+    @property
     def server_pid(self) -> int | None:
         server = self._server
         return server.pid if server is not None and not server.lost.is_set() else None
@@ -357,7 +387,9 @@ class ForkServerLauncher(Launcher):
         data = request.model_dump_json().encode()
         server = await self._ensure_server()
         try:
-            return await self._spawn_on(server, data)
+            spawned = await self._spawn_on(server, data)
+            await self._learn_from(server, request)
+            return spawned
         except AgentLaunchError:
             # A server that died a moment ago may not have been noticed yet when this launch
             # began; that is no fault of the request, so it gets one more try on a new server.
@@ -365,6 +397,15 @@ class ForkServerLauncher(Launcher):
                 raise
             log.warning("fork server %d died during a launch; retrying on a new one", server.pid)
             return await self._spawn_on(await self._ensure_server(), data)
+
+    @staticmethod
+    async def _learn_from(server: _ForkServer, request: LaunchRequest) -> None:
+        """The next fork of this agent class should not pay for importing its module again."""
+        class_name = str(request.agent_spec.get("class_name", ""))
+        module = class_name.rpartition(".")[0]
+        if module and not server.lost.is_set():
+            with contextlib.suppress(OSError):
+                await server.learn(module)
 
     async def _spawn_on(self, server: _ForkServer, data: bytes) -> SpawnedProcess:
         loop = asyncio.get_running_loop()
