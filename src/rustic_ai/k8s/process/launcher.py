@@ -123,6 +123,9 @@ class Launcher(abc.ABC):
     async def close(self) -> None:
         """Releases the launcher. Processes it started are the manager's to stop, before this."""
 
+    def agent_ready(self, request: LaunchRequest) -> None:  # noqa: B027 - an optional hook
+        """Called (without awaiting) when an agent this launcher started reported ready."""
+
     @abc.abstractmethod
     async def spawn(self, request: LaunchRequest) -> SpawnedProcess:
         """Starts one child for ``request`` and returns once it exists (not once it is ready).

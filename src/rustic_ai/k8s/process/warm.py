@@ -306,6 +306,7 @@ class ForkServerLauncher(Launcher):
         self._server: _ForkServer | None = None
         self._start_lock = asyncio.Lock()
         self._closed = False
+        self._learn_tasks: set[asyncio.Task] = set()
 
     @property
     def learned(self) -> set[str]:
@@ -329,6 +330,9 @@ class ForkServerLauncher(Launcher):
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._learn_tasks):
+            task.cancel()
+        await asyncio.gather(*self._learn_tasks, return_exceptions=True)
         async with self._start_lock:
             server, self._server = self._server, None
         if server is not None:
@@ -387,9 +391,7 @@ class ForkServerLauncher(Launcher):
         data = request.model_dump_json().encode()
         server = await self._ensure_server()
         try:
-            spawned = await self._spawn_on(server, data)
-            await self._learn_from(server, request)
-            return spawned
+            return await self._spawn_on(server, data)
         except AgentLaunchError:
             # A server that died a moment ago may not have been noticed yet when this launch
             # began; that is no fault of the request, so it gets one more try on a new server.
@@ -398,14 +400,23 @@ class ForkServerLauncher(Launcher):
             log.warning("fork server %d died during a launch; retrying on a new one", server.pid)
             return await self._spawn_on(await self._ensure_server(), data)
 
+    def agent_ready(self, request: LaunchRequest) -> None:
+        """The next fork of this agent class should not pay for importing its module again.
+
+        Asked only once the agent is ready, so the trial import does not compete with the
+        launch itself for the CPU."""
+        server = self._server
+        module = str(request.agent_spec.get("class_name", "")).rpartition(".")[0]
+        if not module or server is None or server.lost.is_set() or module in server.learn_asked:
+            return
+        task = asyncio.get_running_loop().create_task(self._learn(server, module), name=f"learn:{module}")
+        self._learn_tasks.add(task)
+        task.add_done_callback(self._learn_tasks.discard)
+
     @staticmethod
-    async def _learn_from(server: _ForkServer, request: LaunchRequest) -> None:
-        """The next fork of this agent class should not pay for importing its module again."""
-        class_name = str(request.agent_spec.get("class_name", ""))
-        module = class_name.rpartition(".")[0]
-        if module and not server.lost.is_set():
-            with contextlib.suppress(OSError):
-                await server.learn(module)
+    async def _learn(server: _ForkServer, module: str) -> None:
+        with contextlib.suppress(OSError):
+            await server.learn(module)
 
     async def _spawn_on(self, server: _ForkServer, data: bytes) -> SpawnedProcess:
         loop = asyncio.get_running_loop()

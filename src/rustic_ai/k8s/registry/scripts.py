@@ -92,6 +92,7 @@ return {missing, lost, host_existed, drain}
 # members whose hash expired.
 LIST_GUILD = """
 local out = {}
+local alive = {}  -- host key -> '1'/'0': one EXISTS per host, not per agent
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local enc = string.gsub(id, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
   local key = ARGV[1] .. enc
@@ -100,8 +101,16 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('SREM', KEYS[1], id)
   else
     local host_key = redis.call('HGET', key, 'host_key')
+    local up = '0'
+    if host_key then
+      up = alive[host_key]
+      if up == nil then
+        up = redis.call('EXISTS', host_key) == 1 and '1' or '0'
+        alive[host_key] = up
+      end
+    end
     table.insert(h, '_host_alive')
-    table.insert(h, (host_key and redis.call('EXISTS', host_key) == 1) and '1' or '0')
+    table.insert(h, up)
     table.insert(out, h)
   end
 end
