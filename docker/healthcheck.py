@@ -4,7 +4,8 @@ Used by the Dockerfile's HEALTHCHECK and compose.yaml (Kubernetes probes the sam
 service natively with `grpc:` probes). Exit 0 when the overall status ("" service) is
 SERVING, 1 otherwise: NOT_SERVING while the host drains, or nothing listening.
 
-Address: argv[1] if given, else 127.0.0.1 with the port of RUSTIC_AGENT_HOST_LISTEN
+Address: argv[1] if given, else 127.0.0.1 with the port of RUSTIC_AGENT_HOST_HEALTH_LISTEN
+(the plain-text health port a host with mutual TLS serves), else of RUSTIC_AGENT_HOST_LISTEN
 (default 50051). Timeout: RUSTIC_HEALTHCHECK_TIMEOUT_S (default 3).
 """
 
@@ -20,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 def target() -> str:
     if len(sys.argv) > 1:
         return sys.argv[1]
-    listen = os.environ.get("RUSTIC_AGENT_HOST_LISTEN", "0.0.0.0:50051")
+    listen = os.environ.get("RUSTIC_AGENT_HOST_HEALTH_LISTEN") or os.environ.get("RUSTIC_AGENT_HOST_LISTEN",
+                                                                                 "0.0.0.0:50051")
     return f"127.0.0.1:{listen.rpartition(':')[2] or '50051'}"
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -7,6 +8,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Test agents live in tests/support (``support.*``): every host and agent process the
+# tests start inherits this and may import them. The default allow-list is rustic_ai. only.
+os.environ.setdefault("RUSTIC_AGENT_HOST_ALLOWED_MODULES", "rustic_ai.,support.")
 
 from support.redis_server import RedisServer  # noqa: E402
 

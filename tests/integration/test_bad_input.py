@@ -90,7 +90,7 @@ async def test_malformed_or_invalid_specs_are_invalid_argument(stub, bystander, 
 
 async def test_agent_class_that_cannot_be_imported(stub, bystander, messaging):
     spec = json.loads(responder("a").model_dump_json())
-    spec["class_name"] = "no_such_module.NoSuchAgent"
+    spec["class_name"] = "support.no_such_module.NoSuchAgent"  # inside the module allow-list (test_allowlist.py)
     await expect(stub, create_request(messaging, agent_spec_json=json.dumps(spec).encode()),
                  grpc.StatusCode.INVALID_ARGUMENT, "no_such_module")
     await still_healthy(stub, bystander)
@@ -98,15 +98,15 @@ async def test_agent_class_that_cannot_be_imported(stub, bystander, messaging):
 
 async def test_class_that_is_not_an_agent(stub, bystander, messaging):
     spec = json.loads(responder("a").model_dump_json())
-    spec["class_name"] = "collections.OrderedDict"
+    spec["class_name"] = "rustic_ai.k8s.base.models.AgentRecord"
     await expect(stub, create_request(messaging, agent_spec_json=json.dumps(spec).encode()),
-                 grpc.StatusCode.INVALID_ARGUMENT, "OrderedDict")
+                 grpc.StatusCode.INVALID_ARGUMENT, "AgentRecord")
     await still_healthy(stub, bystander)
 
 
 async def test_unknown_client_type(stub, bystander, messaging):
-    await expect(stub, create_request(messaging, client_type="collections.OrderedDict"),
-                 grpc.StatusCode.INVALID_ARGUMENT, "OrderedDict")
+    await expect(stub, create_request(messaging, client_type="rustic_ai.k8s.base.models.AgentRecord"),
+                 grpc.StatusCode.INVALID_ARGUMENT, "AgentRecord")
     await still_healthy(stub, bystander)
 
 

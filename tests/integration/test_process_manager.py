@@ -181,13 +181,15 @@ async def test_capacity_counts_running_and_starting_agents(make_manager, messagi
 async def test_unusable_classes_are_invalid_specs(make_manager, messaging):
     manager = await make_manager()
     guild = gid()
+    # Names inside the module allow-list (tests allow rustic_ai. and support., conftest.py):
+    # outside it they would be refused as ForbiddenModuleError before any import.
     requests = {
         "cannot be imported": request_for(messaging, guild=guild, agent_id="a1",
-                                          class_name="no_such_package.agents.Missing"),
+                                          class_name="support.no_such_package.agents.Missing"),
         "not a subclass of Agent": request_for(messaging, guild=guild, agent_id="a2",
-                                               class_name="collections.OrderedDict"),
+                                               class_name="rustic_ai.k8s.base.models.AgentRecord"),
         "client type": request_for(messaging, guild=guild, agent_id="a3").model_copy(
-            update={"client_type": "collections.OrderedDict"}),
+            update={"client_type": "rustic_ai.k8s.base.models.AgentRecord"}),
     }
     # Concurrently, only to keep the cold variant quick.
     results = await asyncio.gather(*(manager.launch(r) for r in requests.values()), return_exceptions=True)

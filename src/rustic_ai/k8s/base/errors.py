@@ -39,6 +39,14 @@ class AgentLaunchError(PermanentError):
     """The agent process started but failed before it reported ready (its error is attached)."""
 
 
+class GuildLimitError(PermanentError):
+    """The guild already has as many live agents as the host allows (RUSTIC_AGENT_HOST_MAX_AGENTS_PER_GUILD).
+
+    Permanent, not "host full": the limit is fleet-wide, so another host would refuse too;
+    it passes once some of the guild's agents are stopped.
+    """
+
+
 class HostFullError(TemporaryError):
     """The host is at capacity: place the agent elsewhere."""
 

@@ -60,6 +60,9 @@ class LaunchRequest(BaseModel):
     default_topic: str = "default_topic"
     # A RestartPolicy as a dict; None = AgentSpec.qos.retry_count or the host's default.
     restart: dict[str, Any] | None = None
+    # W3C trace context (traceparent, tracestate) of the call that launched the agent: the
+    # agent process starts its build span under it. Filled by the host, never by engines.
+    trace_context: dict[str, str] = Field(default_factory=dict)
 
     @property
     def key(self) -> AgentKey:

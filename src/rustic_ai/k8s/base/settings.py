@@ -14,7 +14,9 @@ import os
 from collections.abc import Mapping
 from typing import Any, Self
 
+from .allowlist import DEFAULT_ALLOWED_MODULES
 from .errors import ConfigError
+from .redact import MASK, redact_url
 
 ENGINE_PREFIX = "RUSTIC_K8S_"
 HOST_PREFIX = "RUSTIC_AGENT_HOST_"
@@ -78,7 +80,25 @@ class _EnvSettings:
     def _require(self, ok: bool, field_name: str, why: str) -> None:
         if not ok:
             f = next(f for f in dataclasses.fields(self) if f.name == field_name)  # type: ignore[arg-type]
-            raise ConfigError(f"{f.metadata.get('env', field_name)}={getattr(self, field_name)!r}: {why}")
+            value = getattr(self, field_name)
+            # Never echo a secret: URLs lose their password, secret fields their value.
+            if not f.repr:
+                value = MASK
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            raise ConfigError(f"{f.metadata.get('env', field_name)}={value!r}: {why}")
+
+    def __repr__(self) -> str:
+        # The generated repr would print a Redis URL's password; this one redacts it.
+        shown = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if not f.repr:
+                value = MASK if value else value
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 def _type_of(f: dataclasses.Field) -> type:
@@ -88,11 +108,37 @@ def _type_of(f: dataclasses.Field) -> type:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+# Redis connection settings, shared by hosts, engines and the CLI (same variables).
+_REDIS_URL_DOC = (
+    "Redis for the location registry: redis:// (plain), rediss:// (TLS) or unix://; may carry user:password "
+    "(never logged)."
+)
+_REDIS_USERNAME_DOC = "Redis ACL user (AUTH); overrides a user in the URL."
+_REDIS_PASSWORD_DOC = "Redis password (AUTH); overrides one in the URL. Mount it from a Secret."
+_REDIS_CA_DOC = "rediss://: PEM CA bundle that verifies the Redis server (empty: the system's CAs)."
+_REDIS_CERT_DOC = "rediss://: PEM client certificate, for a Redis that requires client certificates."
+_REDIS_KEY_DOC = "rediss://: PEM key of RUSTIC_K8S_REDIS_CERT_FILE."
+
+
+def _validate_redis(s: _EnvSettings) -> None:
+    s._require(s.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis:// URL")  # type: ignore[attr-defined]
+    s._require(bool(s.redis_cert_file) == bool(s.redis_key_file), "redis_cert_file",  # type: ignore[attr-defined]
+               "a Redis client certificate needs its key (RUSTIC_K8S_REDIS_KEY_FILE) and the other way round")
+    tls_files = s.redis_ca_file or s.redis_cert_file  # type: ignore[attr-defined]
+    s._require(not tls_files or s.redis_url.startswith("rediss://"), "redis_url",  # type: ignore[attr-defined]
+               "Redis TLS files are set, so the URL must be rediss://")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class HostSettings(_EnvSettings):
     """An agent host (`rustic-agent-host`)."""
 
-    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", "Redis for the location registry.")
+    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", _REDIS_URL_DOC)
+    redis_username: str = _field("", "RUSTIC_K8S_REDIS_USERNAME", _REDIS_USERNAME_DOC)
+    redis_password: str = _field("", "RUSTIC_K8S_REDIS_PASSWORD", _REDIS_PASSWORD_DOC, repr=False)
+    redis_ca_file: str = _field("", "RUSTIC_K8S_REDIS_CA_FILE", _REDIS_CA_DOC)
+    redis_cert_file: str = _field("", "RUSTIC_K8S_REDIS_CERT_FILE", _REDIS_CERT_DOC)
+    redis_key_file: str = _field("", "RUSTIC_K8S_REDIS_KEY_FILE", _REDIS_KEY_DOC)
     key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
     listen: str = _field("0.0.0.0:50051", HOST_PREFIX + "LISTEN", "gRPC listen address host:port (port 0 = any).")
     advertise: str = _field(
@@ -129,8 +175,54 @@ class HostSettings(_EnvSettings):
         "warm", HOST_PREFIX + "LAUNCH_MODE", "warm: fork agents from a pre-imported fork server; cold: new interpreter."
     )
     preload: tuple = _field((), HOST_PREFIX + "PRELOAD", "Extra modules the fork server imports ahead (comma-separated).")
+    learn_preload: bool = _field(
+        True, HOST_PREFIX + "LEARN_PRELOAD",
+        "After the first launch of an agent class the fork server imports its module (if a trial import in a "
+        "throwaway fork shows it starts no threads), so later launches of that class skip the import.",
+    )
     log_format: str = _field("text", HOST_PREFIX + "LOG_FORMAT", "text or json.")
     log_level: str = _field("INFO", HOST_PREFIX + "LOG_LEVEL", "Python logging level.")
+    # Security (README "Security"): mutual TLS, plain text only when allowed, the import allow-list.
+    tls_cert_file: str = _field(
+        "", HOST_PREFIX + "TLS_CERT_FILE", "PEM certificate (chain) the gRPC server presents; turns on mutual TLS."
+    )
+    tls_key_file: str = _field("", HOST_PREFIX + "TLS_KEY_FILE", "PEM private key of the server certificate.")
+    tls_client_ca_file: str = _field(
+        "", HOST_PREFIX + "TLS_CLIENT_CA_FILE",
+        "PEM CA bundle that client (engine) certificates must chain to; clients without one are refused. "
+        "All three TLS files are re-read when they change (certificate rotation).",
+    )
+    allow_plaintext: bool = _field(
+        True, HOST_PREFIX + "ALLOW_PLAINTEXT",
+        "Without TLS files, serve gRPC in plain text (with a warning at start-up); false: refuse to start "
+        "without TLS.",
+    )
+    health_listen: str = _field(
+        "", HOST_PREFIX + "HEALTH_LISTEN",
+        "Extra plain-text port host:port serving only grpc.health.v1, for probes that cannot present a client "
+        "certificate (the kubelet's) when TLS is on; empty = off.",
+    )
+    allowed_modules: tuple = _field(
+        DEFAULT_ALLOWED_MODULES, HOST_PREFIX + "ALLOWED_MODULES",
+        "Module prefixes a launch request may name (agent classes, client type, messaging backend, dependency "
+        "resolvers), comma-separated; checked before anything is imported. * allows any module.",
+    )
+    # Limits.
+    max_agents_per_guild: int = _field(
+        0, HOST_PREFIX + "MAX_AGENTS_PER_GUILD",
+        "Most live agents one guild may have in the whole fleet (checked at launch; FAILED_PRECONDITION); 0 = "
+        "no limit.",
+    )
+    agent_memory_mb: int = _field(
+        0, HOST_PREFIX + "AGENT_MEMORY_MB",
+        "Resident memory (RSS, MiB) one agent process may use; over it the agent is killed and handled as a "
+        "crash (restarted, or failed). 0 = no limit.",
+    )
+    memory_check_s: float = _field(1.0, HOST_PREFIX + "MEMORY_CHECK_S", "Seconds between agent memory samples.")
+    # Observability (README "Observability").
+    metrics_listen: str = _field(
+        "", HOST_PREFIX + "METRICS_LISTEN", "Prometheus metrics endpoint host:port (GET /metrics); empty = off."
+    )
 
     def validate(self) -> None:
         self._require(self.capacity > 0, "capacity", "must be at least 1")
@@ -149,16 +241,35 @@ class HostSettings(_EnvSettings):
         self._require(":" in self.listen, "listen", "must be host:port")
         self._require(self.launch_mode in ("warm", "cold"), "launch_mode", "must be warm or cold")
         self._require(self.log_format in ("text", "json"), "log_format", "must be text or json")
-        self._require(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis:// URL"
-        )
+        _validate_redis(self)
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        self._require(all(tls) or not any(tls), "tls_cert_file",
+                      "TLS is half-configured: set all of RUSTIC_AGENT_HOST_TLS_CERT_FILE, _TLS_KEY_FILE and "
+                      "_TLS_CLIENT_CA_FILE, or none")
+        self._require(all(tls) or self.allow_plaintext, "allow_plaintext",
+                      "plain text is not allowed and no TLS files are set")
+        self._require(bool(self.allowed_modules), "allowed_modules", "must name at least one module prefix (or *)")
+        self._require(self.max_agents_per_guild >= 0, "max_agents_per_guild", "must not be negative")
+        self._require(self.agent_memory_mb >= 0, "agent_memory_mb", "must not be negative")
+        self._require(self.memory_check_s > 0, "memory_check_s", "must be positive")
+        self._require(not self.metrics_listen or ":" in self.metrics_listen, "metrics_listen", "must be host:port")
+        self._require(not self.health_listen or ":" in self.health_listen, "health_listen", "must be host:port")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class EngineSettings(_EnvSettings):
     """An engine (the async engine, and `K8sExecutionEngine` built by a Guild)."""
 
-    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", "Redis for the location registry.")
+    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", _REDIS_URL_DOC)
+    redis_username: str = _field("", "RUSTIC_K8S_REDIS_USERNAME", _REDIS_USERNAME_DOC)
+    redis_password: str = _field("", "RUSTIC_K8S_REDIS_PASSWORD", _REDIS_PASSWORD_DOC, repr=False)
+    redis_ca_file: str = _field("", "RUSTIC_K8S_REDIS_CA_FILE", _REDIS_CA_DOC)
+    redis_cert_file: str = _field("", "RUSTIC_K8S_REDIS_CERT_FILE", _REDIS_CERT_DOC)
+    redis_key_file: str = _field("", "RUSTIC_K8S_REDIS_KEY_FILE", _REDIS_KEY_DOC)
     key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
     discovery: str = _field(
         "registry", ENGINE_PREFIX + "DISCOVERY", "Where hosts come from: registry (hosts that registered), static, kubernetes or dns."
@@ -221,6 +332,15 @@ class EngineSettings(_EnvSettings):
     )
     dns_port: int = _field(50051, ENGINE_PREFIX + "DNS_PORT", "gRPC port of the hosts found by dns discovery.")
     dns_refresh_s: float = _field(5.0, ENGINE_PREFIX + "DNS_REFRESH_S", "Seconds between DNS lookups.")
+    # Mutual TLS towards the hosts (README "Security"); without these the engine speaks plain text.
+    tls_cert_file: str = _field("", ENGINE_PREFIX + "TLS_CERT_FILE", "PEM client certificate the engine presents to hosts.")
+    tls_key_file: str = _field("", ENGINE_PREFIX + "TLS_KEY_FILE", "PEM private key of the client certificate.")
+    tls_ca_file: str = _field("", ENGINE_PREFIX + "TLS_CA_FILE", "PEM CA bundle that host certificates must chain to.")
+    tls_server_name: str = _field(
+        "", ENGINE_PREFIX + "TLS_SERVER_NAME",
+        "Name host certificates are checked against instead of the address dialled (e.g. one name in every "
+        "host's certificate when hosts are reached by pod IP).",
+    )
 
     def validate(self) -> None:
         self._require(
@@ -241,6 +361,13 @@ class EngineSettings(_EnvSettings):
         self._require(self.placement in ("round_robin", "least_loaded"), "placement", "unknown strategy")
         self._require(self.call_timeout_s > 0, "call_timeout_s", "must be positive")
         self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
-        self._require(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis:// URL"
-        )
+        _validate_redis(self)
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        self._require(all(tls) or not any(tls), "tls_cert_file",
+                      "TLS is half-configured: set all of RUSTIC_K8S_TLS_CERT_FILE, _TLS_KEY_FILE and _TLS_CA_FILE, "
+                      "or none")
+        self._require(not self.tls_server_name or all(tls), "tls_server_name", "needs the TLS files")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)

@@ -48,6 +48,7 @@ def build_launch_request(
     organization_id: str = "",
     default_topic: str = "",
     restart_policy_json: bytes | str = b"",
+    trace_context: dict[str, str] | None = None,
 ) -> LaunchRequest:
     """Builds a request from wire fields, with an error that names the bad field."""
     props = _loads_object(client_properties_json, "client_properties_json") if client_properties_json else {}
@@ -67,6 +68,7 @@ def build_launch_request(
         "client_properties": props,
         "organization_id": organization_id,
         "restart": restart,
+        "trace_context": dict(trace_context or {}),
     }
     if client_type:
         fields["client_type"] = client_type

@@ -6,8 +6,12 @@ import json
 import logging
 import time
 
+from ..base.logfields import AgentFieldsFilter
+
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and guild_id/agent_id/host/pid when known."""
+
     _FIELDS = ("guild_id", "agent_id", "host", "pid")
 
     def format(self, record: logging.LogRecord) -> str:
@@ -31,6 +35,8 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    # Which agent (and host) a line is about, from the host's context (base/logfields.py).
+    handler.addFilter(AgentFieldsFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

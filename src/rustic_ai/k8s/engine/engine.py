@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
 from rustic_ai.core.guild.dsl import AgentSpec, GuildSpec
 from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
@@ -47,9 +51,12 @@ from ..placement import (
 )
 from ..placement.factory import discovery_from_settings
 from ..protocol import ChannelPool
+from ..protocol.tls import channel_credentials
 from ..registry import LocationRegistry
+from .metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("rustic_ai.k8s.engine")
 
 _FRESH_S = 2.0  # a host that answered within this long is not probed before a launch
 
@@ -70,22 +77,32 @@ class AsyncK8sEngine:
         discovery: Discovery | None = None,
         placement: PlacementStrategy | None = None,
         stop_agents_on_shutdown: bool = True,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
+        """``metrics_registry``: where the engine's Prometheus series go (default: a registry of its own,
+        ``engine.metrics.registry``)."""
         self.settings = settings or EngineSettings.from_env()
+        self.metrics = EngineMetrics(metrics_registry)
         self.organization_id = organization_id
-        self.registry = LocationRegistry(self.settings.redis_url, self.settings.key_prefix)
+        self.registry = LocationRegistry.from_settings(self.settings)
         self.discovery = discovery or discovery_from_settings(self.settings, self.registry)
         self.placement = placement or strategy_named(self.settings.placement)
         self.pool = ChannelPool(
             call_timeout_s=self.settings.call_timeout_s,
             launch_timeout_s=self.settings.launch_timeout_s,
             max_message_bytes=self.settings.max_message_bytes,
+            # Mutual TLS when configured: the client certificate is the engine's credential.
+            credentials=(channel_credentials(self.settings.tls_cert_file, self.settings.tls_key_file,
+                                             self.settings.tls_ca_file) if self.settings.tls else None),
+            server_name=self.settings.tls_server_name,
+            observer=self.metrics.observe_call,
         )
         self.stop_agents_on_shutdown = stop_agents_on_shutdown
         self._hosts = CachedHosts(self.settings.discovery_refresh_s)
         self._in_flight: collections.Counter[str] = collections.Counter()  # launches under way per host
         self._owned: dict[AgentKey, str] = {}  # agents this engine launched -> host
         self._heard_from: dict[str, float] = {}  # host -> monotonic time of its last good answer
+        self._probes: dict[str, asyncio.Future] = {}  # host -> the Health probe under way
         self._started = False
         self._closed = False
 
@@ -179,14 +196,25 @@ class AsyncK8sEngine:
         """Places one prepared request, trying hosts in placement order."""
         self._check_open()
         key = request.key
-        await self.registry.set_desired(request)
-        try:
-            record = await self._place(request)
-        except AgentAlreadyExistsError:
-            raise  # it runs: keep it desired
-        except BaseException:
-            await asyncio.shield(self._forget_desired(key))
-            raise
+        began = time.monotonic()
+        # One span per launch (a no-op unless the application configured OpenTelemetry); its
+        # context rides every call below to the host and on into the agent process.
+        with _tracer.start_as_current_span("rk8s.engine.launch", attributes={
+                "rk8s.guild_id": key.guild_id, "rk8s.agent_id": key.agent_id}):
+            try:
+                await self.registry.set_desired(request)
+                try:
+                    record = await self._place(request)
+                except AgentAlreadyExistsError:
+                    raise  # it runs: keep it desired
+                except BaseException:
+                    await asyncio.shield(self._forget_desired(key))
+                    raise
+            except Exception as exc:
+                self.metrics.launches.labels(type(exc).__name__).inc()
+                raise
+        self.metrics.launches.labels("ok").inc()
+        self.metrics.launch_seconds.observe(time.monotonic() - began)
         self._owned[key] = record.host
         return record
 
@@ -206,12 +234,10 @@ class AsyncK8sEngine:
                 self._in_flight[host.address] += 1
                 try:
                     client = self.pool.client(host.address)
-                    if time.monotonic() - self._heard_from.get(host.address, 0.0) > _FRESH_S:
-                        # Not heard from lately: a cheap probe first, so a frozen or cut-off
-                        # host costs probe_timeout_s, not the whole launch deadline.
-                        await client.health(timeout=self.settings.probe_timeout_s)
+                    await self._probe(host.address)
                     record = await client.create_agent(request)
                     self._heard_from[host.address] = time.monotonic()
+                    self.metrics.placements.labels(host.address).inc()
                     return record
                 except (HostFullError, HostUnavailableError, LaunchTimeoutError) as exc:
                     # LaunchTimeoutError here is the probe's deadline (nothing was launched) or a
@@ -219,6 +245,7 @@ class AsyncK8sEngine:
                     # exclusive claim refuses it if the first attempt did start it.
                     # Full or draining or gone: the request did not run there; next host.
                     refusals.append(str(exc))
+                    self.metrics.retries.labels(type(exc).__name__).inc()
                     self._hosts.invalidate()
                 finally:
                     self._in_flight[host.address] -= 1
@@ -233,6 +260,23 @@ class AsyncK8sEngine:
         else:
             detail = f"no live host found by {self.settings.discovery} discovery"
         raise NoHostAvailableError(f"no host accepted agent {request.key}: {detail}")
+
+    async def _probe(self, address: str) -> None:
+        """A cheap Health call before launching on a host not heard from lately, so a frozen
+        or cut-off host costs probe_timeout_s instead of the whole launch deadline.
+
+        Single-flight per host: a burst of launches shares one probe rather than sending a
+        hundred to a host that is busy starting agents (which would then miss the deadline).
+        """
+        if time.monotonic() - self._heard_from.get(address, 0.0) <= _FRESH_S:
+            return
+        probe = self._probes.get(address)
+        if probe is None:
+            probe = asyncio.ensure_future(self.pool.client(address).health(timeout=self.settings.probe_timeout_s))
+            self._probes[address] = probe
+            probe.add_done_callback(lambda _f: self._probes.pop(address, None))
+        await asyncio.shield(probe)
+        self._heard_from[address] = time.monotonic()
 
     def _order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
         # Count launches under way so a burst spreads before hosts report the new load.
@@ -276,6 +320,7 @@ class AsyncK8sEngine:
             log.info("stop_agent: %s is not registered; nothing to stop", key)
             return
         try:
+            self.metrics.stops.inc()
             await self.pool.client(record.host).stop_agent(key)
         except AgentNotFoundError:
             # The host no longer has it (exited, or host restarted): drop the stale entry.
@@ -323,7 +368,15 @@ class AsyncK8sEngine:
             raise RuntimeError("AsyncK8sEngine used before start() (use `async with`)")
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_spec(spec_json: str) -> AgentSpec:
+    return AgentSpec.model_validate_json(spec_json)
+
+
 def _spec_of(record: AgentRecord) -> AgentSpec:
-    return AgentSpec.model_validate_json(record.spec_json)
+    # Parsing 100 specs is most of get_agents_in_guild's time, and a stored spec's text
+    # only changes with a new launch: cache by the text, hand out copies (callers may
+    # modify what they get).
+    return _parse_spec(record.spec_json).model_copy()
 
 

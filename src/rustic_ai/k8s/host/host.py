@@ -25,14 +25,19 @@ import socket
 import time
 from typing import Self
 
+from opentelemetry import propagate, trace
+
+from ..base.allowlist import ALLOWED_MODULES_ENV, ModuleAllowList
 from ..base.errors import (
     AgentAlreadyExistsError,
     AgentNotFoundError,
+    GuildLimitError,
     HostFullError,
     HostUnavailableError,
     RegistryUnavailableError,
     RusticK8sError,
 )
+from ..base.logfields import agent_log_fields, set_host_field
 from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
 from ..base.restart import RestartPolicy, RestartTracker
 from ..base.settings import HostSettings
@@ -40,12 +45,16 @@ from ..base.specs import parse_launch
 from ..base.version import VERSION
 from ..process import AgentProcess, AgentProcessManager
 from ..protocol import GrpcHostServer
+from ..protocol.tls import server_credentials
 from ..registry import LocationRegistry
 from .address import advertised_address
 from .heartbeat import Heartbeat
+from .metrics import AgentView, HostMetrics, HostView, MetricsServer
 from .reconciler import Reconciler
+from .watchdog import MIB, MemoryWatchdog
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("rustic_ai.k8s.host")
 
 _FINISHED_KEPT = 1000  # exited agents remembered for GetAgentInfo/ListAgents
 
@@ -58,6 +67,7 @@ class _Agent:
     request: LaunchRequest
     tracker: RestartTracker
     restart_task: asyncio.Task | None = None
+    kill_reason: str = ""  # why the host itself killed the process (memory limit); its exit is a crash
 
 
 class AgentHost:
@@ -67,16 +77,31 @@ class AgentHost:
         self.state = HostState.STARTING
         self.address = ""
         self.started_at = time.time()
-        self.registry = LocationRegistry(
-            settings.redis_url,
-            settings.key_prefix,
+        self.registry = LocationRegistry.from_settings(
+            settings,
             agent_ttl_s=settings.agent_ttl_s,
             lease_s=settings.lease_s,
         )
+        # Checked before a request's specs are parsed (parsing imports); agents check it again.
+        self.allowlist = ModuleAllowList(settings.allowed_modules)
+        self.metrics = HostMetrics()
+        self.metrics.view = self._metrics_view
+        self.metrics_server = MetricsServer(self.metrics, settings.metrics_listen) if settings.metrics_listen else None
         # Rebuilt in start() once the advertised address is known (agents get it in
         # their environment); this one only answers health() and listings before that.
         self.processes = self._new_process_manager()
-        self.server = GrpcHostServer(self, settings.listen, max_message_bytes=settings.max_message_bytes)
+        credentials = (
+            server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            if settings.tls else None
+        )
+        self.server = GrpcHostServer(self, settings.listen, max_message_bytes=settings.max_message_bytes,
+                                     credentials=credentials, health_listen=settings.health_listen,
+                                     observer=self.metrics.observe_call)
+        self.watchdog = (
+            MemoryWatchdog(limit_bytes=settings.agent_memory_mb * MIB, interval_s=settings.memory_check_s,
+                           agents=self._running_pids, on_over=self._over_memory_limit)
+            if settings.agent_memory_mb else None
+        )
         self.default_restart = RestartPolicy(
             max_restarts=settings.max_restarts,
             window_s=settings.restart_window_s,
@@ -122,15 +147,27 @@ class AgentHost:
         if self._started:
             return
         self._started = True
+        if not self.settings.tls:
+            log.warning("serving gRPC in plain text on %s: anyone who can reach it can run code on this host; "
+                        "set RUSTIC_AGENT_HOST_TLS_CERT_FILE, _TLS_KEY_FILE and _TLS_CLIENT_CA_FILE for mutual TLS "
+                        "(README, Security)", self.settings.listen)
         await self.registry.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
         port = await self.server.start()  # create_agent refuses until state is SERVING
         self.address = await advertised_address(self.settings.listen, port, self.settings.advertise)
-        self.processes = self._new_process_manager({"RUSTIC_AGENT_HOST_ADDRESS": self.address})
+        set_host_field(self.address)
+        self.processes = self._new_process_manager({
+            "RUSTIC_AGENT_HOST_ADDRESS": self.address,
+            "RUSTIC_AGENT_HOST_LEARN_PRELOAD": "1" if self.settings.learn_preload else "0",  # read by the fork server
+        })
         await self.processes.start()
         self.state = HostState.SERVING
         await self.heartbeat.beat()  # register at once; a Redis outage here is retried by the loop
         self._spawn(self.heartbeat.run(), "heartbeat")
         self._spawn(self.reconciler.run(), "reconciler")
+        if self.watchdog is not None:
+            self._spawn(self.watchdog.run(), "memory-watchdog")
         log.info("agent host %s serving on %s (capacity %d, %s launches, version %s)", self.name, self.address,
                  self.settings.capacity, self.settings.launch_mode, VERSION)
 
@@ -158,6 +195,8 @@ class AgentHost:
             with contextlib.suppress(RegistryUnavailableError, asyncio.CancelledError):
                 await asyncio.shield(self.registry.remove_host(self.address))
             await self.server.stop(grace_s=1.0)
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
             await self.registry.close()
             self._stopped.set()
             log.info("agent host %s stopped", self.name)
@@ -194,16 +233,34 @@ class AgentHost:
     # -- HostApi ---------------------------------------------------------------------------
 
     async def create_agent(self, request: LaunchRequest) -> AgentRecord:
+        began = time.monotonic()
+        key = request.key
+        with agent_log_fields(key.guild_id, key.agent_id) as fields:
+            try:
+                record = await self._create_agent(request, fields)
+            except Exception as exc:
+                self.metrics.launched(exc, time.monotonic() - began)
+                raise
+        self.metrics.launched(None, time.monotonic() - began)
+        return record
+
+    async def _create_agent(self, request: LaunchRequest, log_fields: dict) -> AgentRecord:
         if self.state != HostState.SERVING:
             raise HostUnavailableError(f"host {self.address} is {self.state}; place the agent elsewhere")
         if self.heartbeat.fenced:
             raise HostUnavailableError(f"host {self.address} cannot renew its lease; place the agent elsewhere")
+        self.allowlist.check_launch(request)  # before parse_launch: validating a spec imports its classes
         parsed = parse_launch(request)
         key = AgentKey(parsed.guild_spec.id, parsed.agent_spec.id)
         if key in self._agents:
             raise AgentAlreadyExistsError(f"agent {key} is already running on host {self.address}")
         if len(self._agents) >= self.settings.capacity:
             raise HostFullError(f"host {self.address} is full ({self.settings.capacity} agents)")
+        limit = self.settings.max_agents_per_guild
+        if limit and await self.registry.guild_size(key.guild_id, exclude_agent=key.agent_id) >= limit:
+            # Read, then claimed below: launches racing on several hosts can overshoot by as
+            # many as are in flight at once. A quota, not a lock.
+            raise GuildLimitError(f"guild {key.guild_id} already has {limit} live agents, the most allowed")
         record = AgentRecord(
             guild_id=key.guild_id,
             agent_id=key.agent_id,
@@ -223,7 +280,16 @@ class AgentHost:
         agent = self._agents[key] = _Agent(record, request, RestartTracker(policy))
         self._finished.pop(key, None)
         try:
-            proc = await self.processes.launch(request)
+            # The launch is a span under the caller's (traceparent from the engine's call); the
+            # agent process gets this span's context and builds under it.
+            parent = propagate.extract(request.trace_context) if request.trace_context else None
+            with _tracer.start_as_current_span("rk8s.host.create_agent", context=parent,
+                                               attributes={"rk8s.guild_id": key.guild_id,
+                                                           "rk8s.agent_id": key.agent_id}):
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                proc = await self.processes.launch(request.model_copy(update={"trace_context": carrier}))
+            log_fields["pid"] = proc.pid
         except BaseException:
             self._agents.pop(key, None)
             with contextlib.suppress(RegistryUnavailableError):
@@ -245,6 +311,12 @@ class AgentHost:
         return finished
 
     async def _stop_one(self, key: AgentKey, reason: str, grace_s: float | None = None) -> AgentRecord:
+        with agent_log_fields(key.guild_id, key.agent_id, self._agents[key].record.pid):
+            record = await self._stop_one_bound(key, reason, grace_s)
+        self.metrics.stops.inc()
+        return record
+
+    async def _stop_one_bound(self, key: AgentKey, reason: str, grace_s: float | None) -> AgentRecord:
         agent = self._agents[key]
         if agent.restart_task is not None:
             agent.restart_task.cancel()
@@ -310,23 +382,27 @@ class AgentHost:
         record = agent.record
         record.exit_code = proc.exit_code
         record.output = proc.output.tail(self.settings.output_lines)
+        # What ended it: the host's own kill (memory limit), else the exit code.
+        cause, agent.kill_reason = agent.kill_reason or f"exited with code {proc.exit_code}", ""
+        self.metrics.crashes.labels("memory" if cause.startswith("memory") else "exit").inc()
         now = time.monotonic()
         delay = agent.tracker.on_exit(now, ran_for_s=max(0.0, time.time() - record.started_at))
         if delay is None or self.state != HostState.SERVING:
             record.state = AgentState.FAILED
             limit = agent.tracker.policy.max_restarts
-            record.reason = (f"exited with code {proc.exit_code}; "
+            record.reason = (f"{cause}; "
                              + ("not restarted (restarts disabled)" if limit == 0 else
                                 f"gave up after {agent.tracker.total} restarts (limit {limit} in "
                                 f"{agent.tracker.policy.window_s:.0f} s)"))
             self._agents.pop(proc.key, None)
             self._remember_finished(record)
+            self.metrics.failures.inc()
             log.warning("agent %s on %s failed: %s", proc.key, self.address, record.reason)
             await self._update_quietly(proc.key, state=AgentState.FAILED, exit_code=proc.exit_code,
                                        reason=record.reason)
             return
         record.state = AgentState.RESTARTING
-        record.reason = f"exited with code {proc.exit_code}; restart {agent.tracker.total} in {delay:.1f} s"
+        record.reason = f"{cause}; restart {agent.tracker.total} in {delay:.1f} s"
         log.warning("agent %s on %s %s", proc.key, self.address, record.reason)
         await self._update_quietly(proc.key, state=AgentState.RESTARTING, exit_code=proc.exit_code,
                                    reason=record.reason)
@@ -339,13 +415,16 @@ class AgentHost:
             return
         agent.restart_task = None
         try:
-            proc = await self.processes.launch(agent.request)
+            with agent_log_fields(key.guild_id, key.agent_id) as fields:  # the new process's tasks log its pid
+                proc = await self.processes.launch(agent.request)
+                fields["pid"] = proc.pid
         except RusticK8sError as exc:
             log.warning("restart of %s failed: %s", key, exc)
             fake = _ExitedBeforeReady(key, agent.request, exc)
             await self._on_unexpected_exit(fake)  # counts against the same limit
             return
         agent.record.restarts += 1
+        self.metrics.restarts.inc()
         await self._mark_running(agent, proc)
         log.info("agent %s restarted on %s, pid %d (restart %d)", key, self.address, proc.pid,
                  agent.record.restarts)
@@ -438,7 +517,32 @@ class AgentHost:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _running_pids(self) -> list[tuple[AgentKey, int]]:
+        return [(p.key, p.pid) for p in self.processes.list()]
+
+    async def _over_memory_limit(self, key: AgentKey, pid: int, rss: int) -> None:
+        """The watchdog found an agent over RUSTIC_AGENT_HOST_AGENT_MEMORY_MB: kill it as a crash."""
+        agent, proc = self._agents.get(key), self.processes.get(key)
+        if agent is None or proc is None or proc.pid != pid or agent.record.state != AgentState.RUNNING:
+            return  # exited, stopping or replaced since the sample
+        agent.kill_reason = (f"memory limit exceeded: {rss / MIB:.0f} MB > {self.settings.agent_memory_mb} MB")
+        with agent_log_fields(key.guild_id, key.agent_id, pid):
+            log.warning("agent %s on %s: %s; killing it", key, self.address, agent.kill_reason)
+        self.processes.kill(key)  # its exit reaches _on_unexpected_exit, with kill_reason
+
+    def _metrics_view(self) -> HostView:
+        agents = [AgentView(a.record.guild_id, a.record.agent_id, str(a.record.state),
+                            p.pid if (p := self.processes.get(k)) is not None else 0)
+                  for k, a in self._agents.items()]
+        agents += [AgentView(r.guild_id, r.agent_id, str(r.state)) for r in self._finished.values()]
+        last_ok = self.heartbeat.last_ok
+        return HostView(agents=agents, capacity=self.settings.capacity, draining=self.state == HostState.DRAINING,
+                        heartbeat_lag_s=None if last_ok is None else time.monotonic() - last_ok,
+                        memory_limit_bytes=self.settings.agent_memory_mb * MIB)
+
     def _new_process_manager(self, env: dict[str, str] | None = None) -> AgentProcessManager:
+        # Agents enforce the same module allow-list as the host (base/allowlist.py).
+        env = {ALLOWED_MODULES_ENV: self.allowlist.to_env(), **(env or {})}
         return AgentProcessManager(
             capacity=self.settings.capacity,
             launch_timeout_s=self.settings.launch_timeout_s,

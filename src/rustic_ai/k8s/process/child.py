@@ -36,6 +36,7 @@ import signal
 import sys
 from typing import Any, NoReturn
 
+from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
 from rustic_ai.core.guild.agent import Agent
@@ -44,7 +45,8 @@ from rustic_ai.core.guild.execution.agent_wrapper import AgentWrapper
 from rustic_ai.core.messaging import Client
 from rustic_ai.core.utils.basic_class_utils import get_class_from_name
 
-from ..base.errors import InvalidSpecError
+from ..base.allowlist import ModuleAllowList
+from ..base.errors import ForbiddenModuleError, InvalidSpecError
 from ..base.models import LaunchRequest
 from ..base.specs import ParsedLaunch, parse_launch
 from .control import (
@@ -54,6 +56,7 @@ from .control import (
     EXIT_LAUNCH_FAILED,
     EXIT_OK,
     EXIT_ORPHANED,
+    KIND_FORBIDDEN,
     KIND_INVALID_SPEC,
     KIND_LAUNCH,
     PARENT_PID_ENV,
@@ -64,6 +67,7 @@ from .control import (
 )
 
 log = logging.getLogger("rustic_ai.k8s.process.child")  # not __main__ under -m
+_tracer = trace.get_tracer("rustic_ai.k8s.agent")
 
 
 class ProcessAgentWrapper(AgentWrapper):
@@ -83,12 +87,18 @@ def _resolve_class(qualified_name: str, base: type, what: str) -> type:
     return cls
 
 
-def prepare(raw: bytes) -> tuple[ParsedLaunch, type[Client]]:
-    """Parses and validates the request and resolves every class it names; raises InvalidSpecError."""
+def prepare(raw: bytes, allowed: ModuleAllowList | None = None) -> tuple[ParsedLaunch, type[Client]]:
+    """Parses and validates the request and resolves every class it names.
+
+    Raises ForbiddenModuleError for a module outside ``allowed`` (default: the list the host
+    passed in the environment) before anything is imported, else InvalidSpecError.
+    """
     try:
         request = LaunchRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise InvalidSpecError(f"invalid launch request: {str(exc)[:600]}") from None
+    # Checked again here, not only on the host: parse_launch imports the classes it names.
+    (allowed or ModuleAllowList.from_env()).check_launch(request)
     parsed = parse_launch(request)
     _resolve_class(parsed.agent_spec.class_name, Agent, "agent class")
     if isinstance(parsed.agent_spec.properties, OpaqueProps):
@@ -168,6 +178,10 @@ def run(raw: bytes, control_fd: int, *, ready_extra: dict[str, Any] | None = Non
 
     try:
         parsed, client_type = prepare(raw)
+    except ForbiddenModuleError as exc:
+        log.error("refused launch request: %s", exc)
+        _report(control_fd, error_event(KIND_FORBIDDEN, str(exc)))
+        return EXIT_INVALID_SPEC
     except InvalidSpecError as exc:
         log.error("invalid launch request: %s", exc)
         _report(control_fd, error_event(KIND_INVALID_SPEC, str(exc)))
@@ -184,7 +198,16 @@ def run(raw: bytes, control_fd: int, *, ready_extra: dict[str, Any] | None = Non
         organization_id=request.organization_id or None,
     )
     try:
-        wrapper.run()
+        # The build is one span, a child of the engine's launch call when the host passed
+        # its trace context on (a no-op unless the process configures an OpenTelemetry SDK).
+        parent = propagate.extract(request.trace_context) if request.trace_context else None
+        with _tracer.start_as_current_span("rk8s.agent.build", context=parent,
+                                           attributes={"rk8s.guild_id": request.key.guild_id,
+                                                       "rk8s.agent_id": request.key.agent_id}) as span:
+            trace_id = span.get_span_context().trace_id
+            if trace_id:
+                log.info("building agent %s in trace %032x", request.key, trace_id)
+            wrapper.run()
     except Exception as exc:
         log.exception("agent %s failed to start", request.key)
         _report(control_fd, error_event(KIND_LAUNCH, f"{type(exc).__name__}: {exc}"))

@@ -41,6 +41,7 @@ FDS_PER_FORK = 3  # the child's stdin read end, output write end, control write 
 EVENT_READY = "ready"
 EVENT_ERROR = "error"
 KIND_INVALID_SPEC = "invalid_spec"
+KIND_FORBIDDEN = "forbidden_module"  # the request named a module outside the allow-list; exit code 2
 KIND_LAUNCH = "launch"
 
 EXIT_OK = 0

@@ -60,6 +60,7 @@ import threading
 import time
 from typing import Any, NoReturn
 
+from rustic_ai.k8s.base.allowlist import ModuleAllowList
 from rustic_ai.k8s.process.control import (
     EXIT_ORPHANED,
     FDS_PER_FORK,
@@ -199,6 +200,11 @@ class ForkServer:
         assert isinstance(module, str)
         if not self.learning:
             self._send({"event": "learned", "module": module, "ok": False, "reason": "learning is off"})
+            return
+        if not ModuleAllowList.from_env().allows(module):
+            # The module comes from a launch request that no child has validated yet: this
+            # import would bypass the allow-list the agent process enforces (base/allowlist.py).
+            self._send({"event": "learned", "module": module, "ok": False, "reason": "outside the module allow-list"})
             return
         if module in sys.modules or module in self._trials.values():
             self._send({"event": "learned", "module": module, "ok": module in sys.modules, "reason": "known"})

@@ -33,13 +33,15 @@ from ..base.errors import (
     AgentAlreadyExistsError,
     AgentLaunchError,
     AgentNotFoundError,
+    ForbiddenModuleError,
     HostFullError,
     HostUnavailableError,
     InvalidSpecError,
     LaunchTimeoutError,
 )
+from ..base.logfields import note_pid
 from ..base.models import AgentKey, LaunchRequest
-from .control import EVENT_ERROR, EVENT_READY, KIND_INVALID_SPEC, decode_event
+from .control import EVENT_ERROR, EVENT_READY, KIND_FORBIDDEN, KIND_INVALID_SPEC, decode_event
 from .launcher import Launcher, SpawnedProcess, make_launcher
 from .output import OutputBuffer
 
@@ -234,10 +236,12 @@ class AgentProcessManager:
         proc.launch_s = time.monotonic() - began
         self._procs[key] = proc
         proc._launched.set_result(True)
+        self.launcher.agent_ready(request)
         log.info("agent %s ready, pid %d (%s, %.2f s)", key, proc.pid, proc._spawned.info.get("mode"), proc.launch_s)
         return proc
 
     def _adopt(self, key: AgentKey, request: LaunchRequest, spawned: SpawnedProcess) -> AgentProcess:
+        note_pid(spawned.pid)  # log lines about this agent carry its pid from here on (base/logfields.py)
         proc = AgentProcess(key, request, spawned, OutputBuffer(self.output_lines))
         self._launching[key] = proc
         pump = self._spawn_task(proc.output.pump(spawned.output), f"agent-output:{key}")
@@ -267,6 +271,8 @@ class AgentProcessManager:
             await proc.wait()  # the child exits right after reporting; its last output comes with it
             if event.get("kind") == KIND_INVALID_SPEC:
                 raise InvalidSpecError(f"agent {proc.key}: {message}")
+            if event.get("kind") == KIND_FORBIDDEN:
+                raise ForbiddenModuleError(f"agent {proc.key}: {message}")
             raise AgentLaunchError(self._failure(proc, message))
         raise AgentLaunchError(self._failure(proc, f"sent an unknown control event {json.dumps(event)[:200]}"))
 
@@ -320,6 +326,18 @@ class AgentProcessManager:
         if proc is None:
             raise AgentNotFoundError(f"agent {key} is not running on this host")
         await self._stop(proc, self.stop_grace_s if grace_s is None else grace_s)
+        return proc
+
+    def kill(self, key: AgentKey) -> AgentProcess:
+        """SIGKILLs a running agent's process group *as a crash* (e.g. over its memory limit).
+
+        Unlike ``stop()`` the agent is not marked as stopping, so its exit is reported
+        through ``on_exit`` like any other unexpected exit (restarted or failed by policy).
+        """
+        proc = self._procs.get(key)
+        if proc is None:
+            raise AgentNotFoundError(f"agent {key} is not running on this host")
+        proc._spawned.send_signal(signal.SIGKILL, group=True)
         return proc
 
     async def _stop(self, proc: AgentProcess, grace_s: float) -> None:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Self
 
 import grpc
+from opentelemetry import propagate
 
 from ..base.errors import HostUnavailableError, InvalidSpecError, RusticK8sError
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
 from . import convert
-from .status import CODE_TO_ERROR
+from .status import error_class_for
 from .v1 import agent_host_pb2 as pb
 from .v1 import agent_host_pb2_grpc as pb_grpc
 
@@ -31,7 +33,7 @@ def _to_error(address: str, method: str, err: grpc.aio.AioRpcError) -> RusticK8s
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         # gRPC's own size limit, not a full host: sending it elsewhere will not help.
         return InvalidSpecError(f"{method} request is over the maximum message size of host {address}: {details}")
-    cls = CODE_TO_ERROR.get(code)
+    cls = error_class_for(code, err.trailing_metadata())
     if cls is None:
         return RusticK8sError(f"{method} on host {address} failed with {code.name}: {details}")
     if code == grpc.StatusCode.UNAVAILABLE and not details.strip():
@@ -39,18 +41,37 @@ def _to_error(address: str, method: str, err: grpc.aio.AioRpcError) -> RusticK8s
     return cls(details if address in details else f"host {address}: {details}")
 
 
+# (host address, method, status code name, seconds) for every call made: the engine's metrics hook.
+CallObserver = Callable[[str, str, str, float], None]
+
+
 class HostClient:
-    def __init__(self, address: str, channel: grpc.aio.Channel, *, call_timeout_s: float, launch_timeout_s: float):
+    def __init__(self, address: str, channel: grpc.aio.Channel, *, call_timeout_s: float, launch_timeout_s: float,
+                 observer: CallObserver | None = None):
         self.address = address
         self._stub = pb_grpc.AgentHostServiceStub(channel)
         self._call_timeout_s = call_timeout_s
         self._launch_timeout_s = launch_timeout_s
+        self._observer = observer
 
     async def _call(self, method: str, request, timeout: float):
+        # The caller's trace context (W3C traceparent) travels as metadata; the host hands
+        # it on to the agent process. Nothing is added when no span is active.
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        started = time.monotonic()
+        code = "OK"
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout)
+            return await getattr(self._stub, method)(request, timeout=timeout, metadata=tuple(carrier.items()) or None)
         except grpc.aio.AioRpcError as err:
+            code = err.code().name
             raise _to_error(self.address, method, err) from None
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer(self.address, method, code, time.monotonic() - started)
 
     async def create_agent(self, request: LaunchRequest, timeout: float | None = None) -> AgentRecord:
         msg = pb.CreateAgentRequest(
@@ -101,8 +122,13 @@ class ChannelPool:
         launch_timeout_s: float = 90.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+        observer: CallObserver | None = None,
     ) -> None:
+        """``credentials``: TLS (see tls.py), else plain text; ``server_name``: the name host certificates carry;
+        ``observer`` sees every call (metrics)."""
         self._call_timeout_s = call_timeout_s
+        self._observer = observer
         self._launch_timeout_s = launch_timeout_s
         self._credentials = credentials
         self._options = [
@@ -114,6 +140,8 @@ class ChannelPool:
             ("grpc.keepalive_time_ms", 20000),
             ("grpc.keepalive_timeout_ms", 5000),
         ]
+        if server_name:
+            self._options.append(("grpc.ssl_target_name_override", server_name))
         self._clients: dict[str, tuple[grpc.aio.Channel, HostClient]] = {}
         self._closed = False
 
@@ -127,7 +155,8 @@ class ChannelPool:
             else:
                 channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             client = HostClient(
-                address, channel, call_timeout_s=self._call_timeout_s, launch_timeout_s=self._launch_timeout_s
+                address, channel, call_timeout_s=self._call_timeout_s, launch_timeout_s=self._launch_timeout_s,
+                observer=self._observer,
             )
             entry = self._clients[address] = (channel, client)
         return entry[1]

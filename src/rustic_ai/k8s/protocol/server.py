@@ -9,6 +9,8 @@ Kubernetes probes and `grpc_health_probe` work unchanged.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Protocol, Self
 
 import grpc
@@ -16,16 +18,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from ..base.errors import RusticK8sError
+from ..base.logfields import agent_log_fields
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
 from ..base.specs import build_launch_request
 from . import convert
-from .status import code_for
+from .status import ERROR_CLASS_KEY, code_for
 from .v1 import agent_host_pb2 as pb
 from .v1 import agent_host_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "rustic_ai.k8s.v1.AgentHostService"
+
+# W3C trace context headers carried from the caller's metadata into the launch request
+# (and so into the agent process); anything longer is not a trace context and is dropped.
+TRACE_HEADERS = ("traceparent", "tracestate")
+_TRACE_HEADER_MAX = 512
+
+# (method, status code name, seconds) for every call answered: the host's metrics hook.
+CallObserver = Callable[[str, str, float], None]
+
+
+def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in TRACE_HEADERS and isinstance(value, str) and len(value) <= _TRACE_HEADER_MAX:
+            out[key] = value
+    return out
 
 
 class HostApi(Protocol):
@@ -39,18 +58,30 @@ class HostApi(Protocol):
 
 
 class _Servicer(pb_grpc.AgentHostServiceServicer):
-    def __init__(self, api: HostApi) -> None:
+    def __init__(self, api: HostApi, observer: CallObserver | None = None) -> None:
         self.api = api
+        self._observer = observer
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(method, code.name, time.monotonic() - started)
+            except Exception:  # metrics must never fail a call
+                log.exception("call observer failed")
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception,
+                    started: float | None = None) -> None:
         code = code_for(exc)
+        if started is not None:
+            self._observe(method, code, started)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed unexpectedly", method)
             await context.abort(code, f"{method} failed: {type(exc).__name__}: {exc}")
         log.info("%s refused: %s: %s", method, code.name, exc)
-        await context.abort(code, str(exc))
+        await context.abort(code, str(exc), trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
 
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
         try:
             launch = build_launch_request(
                 guild_spec_json=request.guild_spec_json,
@@ -62,35 +93,54 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
                 organization_id=request.organization_id,
                 default_topic=request.default_topic,
                 restart_policy_json=request.restart_policy_json,
+                trace_context=_trace_context(context),
             )
-            record = await self.api.create_agent(launch)
         except (RusticK8sError, Exception) as exc:  # noqa: BLE001 - every failure becomes a status
-            await self._fail(context, "CreateAgent", exc)
+            await self._fail(context, "CreateAgent", exc, started)
+        # Log lines about this agent, the refusal included, carry its ids (base/logfields.py).
+        with agent_log_fields(launch.key.guild_id, launch.key.agent_id):
+            try:
+                record = await self.api.create_agent(launch)
+            except (RusticK8sError, Exception) as exc:  # noqa: BLE001
+                await self._fail(context, "CreateAgent", exc, started)
+        self._observe("CreateAgent", grpc.StatusCode.OK, started)
         return pb.CreateAgentResponse(agent=convert.agent_to_pb(record))
 
     async def StopAgent(self, request: pb.StopAgentRequest, context: grpc.aio.ServicerContext):
-        try:
-            record = await self.api.stop_agent(AgentKey(request.guild_id, request.agent_id))
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, "StopAgent", exc)
+        started = time.monotonic()
+        with agent_log_fields(request.guild_id, request.agent_id):
+            try:
+                record = await self.api.stop_agent(AgentKey(request.guild_id, request.agent_id))
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, "StopAgent", exc, started)
+        self._observe("StopAgent", grpc.StatusCode.OK, started)
         return pb.StopAgentResponse(agent=convert.agent_to_pb(record))
 
     async def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: grpc.aio.ServicerContext):
-        try:
-            record = await self.api.agent_info(AgentKey(request.guild_id, request.agent_id), request.output_lines)
-        except Exception as exc:  # noqa: BLE001
-            await self._fail(context, "GetAgentInfo", exc)
+        started = time.monotonic()
+        with agent_log_fields(request.guild_id, request.agent_id):
+            try:
+                record = await self.api.agent_info(AgentKey(request.guild_id, request.agent_id),
+                                                   request.output_lines)
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, "GetAgentInfo", exc, started)
+        self._observe("GetAgentInfo", grpc.StatusCode.OK, started)
         return convert.agent_to_pb(record)
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
         try:
             records = await self.api.list_agents(request.guild_id)
         except Exception as exc:  # noqa: BLE001
-            await self._fail(context, "ListAgents", exc)
+            await self._fail(context, "ListAgents", exc, started)
+        self._observe("ListAgents", grpc.StatusCode.OK, started)
         return pb.ListAgentsResponse(agents=[convert.agent_to_pb(r) for r in records])
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext):
-        return convert.host_to_pb(self.api.health())
+        started = time.monotonic()
+        reply = convert.host_to_pb(self.api.health())
+        self._observe("Health", grpc.StatusCode.OK, started)
+        return reply
 
 
 class GrpcHostServer:
@@ -103,14 +153,23 @@ class GrpcHostServer:
         *,
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
+        health_listen: str = "",
+        observer: CallObserver | None = None,
     ) -> None:
+        """``credentials``: TLS (tls.server_credentials), else plain text. ``health_listen``: an extra
+        plain-text port serving grpc.health.v1 only, for probes that cannot present a client
+        certificate (the kubelet's). ``observer`` sees every answered call (metrics)."""
         self._api = api
         self._listen = listen
         self._max_message_bytes = max_message_bytes
         self._credentials = credentials
+        self._health_listen = health_listen
+        self._observer = observer
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.port = 0
+        self.health_port = 0
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port (useful with port 0)."""
@@ -123,7 +182,7 @@ class GrpcHostServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_AgentHostServiceServicer_to_server(_Servicer(self._api), server)
+        pb_grpc.add_AgentHostServiceServicer_to_server(_Servicer(self._api, self._observer), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self._credentials is None:
             self.port = server.add_insecure_port(self._listen)
@@ -131,6 +190,15 @@ class GrpcHostServer:
             self.port = server.add_secure_port(self._listen, self._credentials)
         if self.port == 0:
             raise OSError(f"could not bind gRPC server to {self._listen}")
+        if self._health_listen:
+            # A server of its own: every port of one grpc server serves every service on it.
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+            self.health_port = health_server.add_insecure_port(self._health_listen)
+            if self.health_port == 0:
+                raise OSError(f"could not bind gRPC health server to {self._health_listen}")
+            await health_server.start()
+            self._health_server = health_server
         await server.start()
         self._server = server
         await self.set_serving(True)
@@ -143,9 +211,12 @@ class GrpcHostServer:
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
         server, self._server = self._server, None
+        health_server, self._health_server = self._health_server, None
         if server is not None:
             await self._health.enter_graceful_shutdown()
             await server.stop(grace_s)
+        if health_server is not None:
+            await health_server.stop(None)
 
     async def wait_closed(self) -> None:
         if self._server is not None:

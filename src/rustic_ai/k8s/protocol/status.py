@@ -20,6 +20,9 @@ ERROR_TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.RegistryUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.LaunchTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.AgentLaunchError, grpc.StatusCode.FAILED_PRECONDITION),
+    # Not RESOURCE_EXHAUSTED: engines take that for "full, try another host", and every
+    # host would refuse. The exact class travels in ERROR_CLASS_KEY (see below).
+    (e.GuildLimitError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 CODE_TO_ERROR: dict[grpc.StatusCode, type[e.RusticK8sError]] = {
@@ -35,6 +38,24 @@ CODE_TO_ERROR: dict[grpc.StatusCode, type[e.RusticK8sError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: e.AgentLaunchError,
     grpc.StatusCode.CANCELLED: e.HostUnavailableError,
 }
+
+
+# Trailing metadata naming the exact error class, so a client can raise it when one status
+# code stands for several classes (FAILED_PRECONDITION: launch failed, or guild limit).
+ERROR_CLASS_KEY = "rk8s-error-class"
+ERRORS_BY_NAME: dict[str, type[e.RusticK8sError]] = {
+    cls.__name__: cls for cls, _ in ERROR_TO_CODE if issubclass(cls, e.RusticK8sError)
+}
+
+
+def error_class_for(code: grpc.StatusCode, metadata: object) -> type[e.RusticK8sError] | None:
+    """The class a host named in its trailing metadata, if it agrees with ``code``; else by code."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == ERROR_CLASS_KEY:
+            cls = ERRORS_BY_NAME.get(value if isinstance(value, str) else "")
+            if cls is not None and code_for(cls("")) == code:
+                return cls
+    return CODE_TO_ERROR.get(code)
 
 
 def code_for(exc: Exception) -> grpc.StatusCode:

@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from ..base.errors import RegistryUnavailableError
+from ..base.redact import redact_text, redact_url, url_password
 from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
 from . import scripts
 from .keys import Keys
@@ -98,13 +99,45 @@ class LocationRegistry:
         agent_ttl_s: float = 60.0,
         lease_s: float = 5.0,
         socket_timeout_s: float = 5.0,
+        username: str = "",
+        password: str = "",
+        ssl_ca_file: str = "",
+        ssl_cert_file: str = "",
+        ssl_key_file: str = "",
     ) -> None:
+        """``username``/``password`` override the URL's (AUTH, ACL users); the ``ssl_*`` files apply to rediss://."""
         self.keys = Keys(key_prefix)
         self.agent_ttl_ms = int(agent_ttl_s * 1000)
         self.host_ttl_ms = int(lease_s * 1000)
         self._url = redis_url
         self._socket_timeout_s = socket_timeout_s
+        self._auth: dict[str, Any] = {}
+        if username:
+            self._auth["username"] = username
+        if password:
+            self._auth["password"] = password
+        if redis_url.startswith("rediss://"):
+            # redis-py's names; CERT_REQUIRED is its default for rediss:// and stays so.
+            self._auth.update({k: v for k, v in (("ssl_ca_certs", ssl_ca_file), ("ssl_certfile", ssl_cert_file),
+                                                 ("ssl_keyfile", ssl_key_file)) if v})
+        # Every message that leaves this class is scrubbed of these.
+        self._secrets = tuple(filter(None, [password, url_password(redis_url)]))
+        self.display_url = redact_url(redis_url)
         self._redis: aioredis.Redis | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kw: Any) -> LocationRegistry:
+        """From HostSettings or EngineSettings: URL, prefix, credentials and TLS files."""
+        return cls(
+            settings.redis_url,
+            settings.key_prefix,
+            username=settings.redis_username,
+            password=settings.redis_password,
+            ssl_ca_file=settings.redis_ca_file,
+            ssl_cert_file=settings.redis_cert_file,
+            ssl_key_file=settings.redis_key_file,
+            **kw,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -121,6 +154,7 @@ class LocationRegistry:
             # safe to repeat, so retry on a fresh connection instead of failing the call.
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+            **self._auth,
         )
         r = self._redis
         self._claim = r.register_script(scripts.CLAIM_AGENT)
@@ -154,10 +188,18 @@ class LocationRegistry:
     async def _guard(self, what: str) -> AsyncIterator[None]:
         try:
             yield
+        except redis_errors.AuthenticationError as exc:  # a ConnectionError too: before _REDIS_DOWN
+            raise RegistryUnavailableError(
+                f"Redis at {self.display_url} refused our credentials during {what}: {self._scrub(exc)}"
+            ) from None
         except _REDIS_DOWN as exc:
-            raise RegistryUnavailableError(f"Redis unreachable during {what}: {exc}") from exc
+            raise RegistryUnavailableError(f"Redis unreachable during {what}: {self._scrub(exc)}") from None
         except redis_errors.RedisError as exc:
-            raise RegistryUnavailableError(f"Redis error during {what}: {exc}") from exc
+            raise RegistryUnavailableError(f"Redis error during {what}: {self._scrub(exc)}") from None
+
+    def _scrub(self, exc: BaseException) -> str:
+        # Not chained (``from None``) either: a traceback would print the original message.
+        return redact_text(str(exc), *self._secrets)
 
     async def ping(self) -> bool:
         async with self._guard("ping"):
@@ -301,6 +343,10 @@ class LocationRegistry:
                 keys=[self.keys.guild_agents(guild_id)], args=[self.keys.agent_prefix(guild_id)]
             )
         return sorted((_record_from_hash(_pairs(r)) for r in rows), key=lambda r: r.agent_id)
+
+    async def guild_size(self, guild_id: str, exclude_agent: str = "") -> int:
+        """Live agents of a guild in the fleet (starting, running or restarting on a live host)."""
+        return sum(1 for r in await self.list_guild(guild_id) if r.is_live and r.agent_id != exclude_agent)
 
     # -- desired state: written by engines ---------------------------------------------------
 
