@@ -249,3 +249,22 @@ async def test_a_frozen_host_is_skipped_without_hanging(hosts, engine, messaging
         assert time.monotonic() - t0 < 10
     finally:
         os.kill(a.pid, signal.SIGCONT)
+
+
+async def test_concurrent_launches_of_one_agent_start_exactly_one_copy(hosts, engine_settings, redis_url, prefix,
+                                                                        messaging):
+    import dataclasses
+
+    from rustic_ai.k8s import AgentAlreadyExistsError
+
+    a, b, c = hosts("a", "b", "c")
+    settings = dataclasses.replace(engine_settings, redis_url=redis_url, key_prefix=prefix, placement="round_robin")
+    g = guild_spec(gid())
+    async with AsyncK8sEngine(settings) as e1, AsyncK8sEngine(settings) as e2:
+        # Two engines, round-robin from different starting points: the copies race on different hosts.
+        results = await asyncio.gather(*(e.run_agent(g, responder("only"), messaging) for e in (e1, e2, e1, e2)),
+                                       return_exceptions=True)
+        started = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, AgentAlreadyExistsError)]
+        assert len(started) == 1 and len(refused) == 3, results
+        assert len(await live_copies(e1, [a, b, c], started[0].key)) == 1
