@@ -28,31 +28,6 @@ from support.probe import guild_spec, responder
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def _host_pipes():
-    """Closes the started hosts' stdout pipes after start_host has stopped them.
-
-    support/hosts.py's HostProcess.close() leaves proc.stdout open, and the run turns
-    the resulting ResourceWarning into an error in whichever test follows. Requested
-    before start_host, this fixture is torn down after it.
-    """
-    hosts: list = []
-    yield hosts
-    for h in hosts:
-        if h.proc.stdout is not None:
-            h.proc.stdout.close()
-
-
-@pytest.fixture
-def host_factory(_host_pipes, start_host):
-    def start(name: str, env: dict[str, str] | None = None):
-        host = start_host(name, env=env)
-        _host_pipes.append(host)
-        return host
-
-    return start
-
-
 class ScriptedResolver:
     """Answers with ``answer``, or raises ``error`` when set; counts lookups."""
 
@@ -172,12 +147,12 @@ def free_port_on(*ips: str) -> int:
 
 
 async def test_engine_places_agents_on_every_address_of_the_name(
-    host_factory, engine_settings, messaging, probe_factory
+    start_host, engine_settings, messaging, probe_factory
 ):
     # Two hosts on the same port at two loopback addresses: what one name with two A
     # records (two replicas) looks like. The scripted resolver is that name's answer.
     port = free_port_on("127.0.0.1", "127.0.0.2")
-    hosts = [host_factory(f"replica-{i}", env={"RUSTIC_AGENT_HOST_LISTEN": f"127.0.0.{i + 1}:{port}"})
+    hosts = [start_host(f"replica-{i}", env={"RUSTIC_AGENT_HOST_LISTEN": f"127.0.0.{i + 1}:{port}"})
              for i in range(2)]
     discovery = DnsDiscovery("agent-host", port, refresh_s=0.2,
                              resolver=ScriptedResolver(["127.0.0.1", "127.0.0.2"]))
@@ -199,10 +174,10 @@ async def test_engine_places_agents_on_every_address_of_the_name(
             await eventually(answered, timeout=15, interval=0.3, what=f"{r.agent_id} answering")
 
 
-async def test_the_compose_demo_runs_a_guild_over_hosts_found_by_dns(host_factory, redis_url, key_prefix):
+async def test_the_compose_demo_runs_a_guild_over_hosts_found_by_dns(start_host, redis_url, key_prefix):
     """docker/compose_demo.py, as the compose `demo` service runs it, with "localhost" as the name."""
     port = free_port_on("127.0.0.1")
-    host = host_factory("compose-host", env={"RUSTIC_AGENT_HOST_LISTEN": f"127.0.0.1:{port}"})
+    host = start_host("compose-host", env={"RUSTIC_AGENT_HOST_LISTEN": f"127.0.0.1:{port}"})
     env = dict(os.environ)
     env.update(
         {

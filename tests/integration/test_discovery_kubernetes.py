@@ -23,31 +23,6 @@ SERVICE = "rustic-agent-host"
 
 
 @pytest.fixture
-def _host_pipes():
-    """Closes the started hosts' stdout pipes after start_host has stopped them.
-
-    support/hosts.py's HostProcess.close() leaves proc.stdout open, and the run turns
-    the resulting ResourceWarning into an error in whichever test follows. Requested
-    before start_host, this fixture is torn down after it.
-    """
-    hosts: list = []
-    yield hosts
-    for h in hosts:
-        if h.proc.stdout is not None:
-            h.proc.stdout.close()
-
-
-@pytest.fixture
-def host_factory(_host_pipes, start_host):
-    def start(name: str, env: dict[str, str] | None = None):
-        host = start_host(name, env=env)
-        _host_pipes.append(host)
-        return host
-
-    return start
-
-
-@pytest.fixture
 async def api():
     async with FakeKubeApi() as fake:
         yield fake
@@ -274,9 +249,9 @@ async def test_settings_build_a_kubernetes_discovery(kubeconfig, api):
 
 
 async def test_engine_places_agents_on_hosts_the_endpoint_slices_list(
-    api, kubeconfig, host_factory, engine_settings, messaging, probe_factory
+    api, kubeconfig, start_host, engine_settings, messaging, probe_factory
 ):
-    hosts = [host_factory("pod-a"), host_factory("pod-b")]
+    hosts = [start_host("pod-a"), start_host("pod-b")]
     # One slice per host: on 127.0.0.1 the two hosts differ by port, and a slice has one port set.
     for i, h in enumerate(hosts):
         ip, port = h.address.rsplit(":", 1)

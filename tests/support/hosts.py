@@ -49,7 +49,11 @@ class HostProcess:
         line = self.proc.stdout.readline()  # blocks until the host prints or exits
         if "ready on" not in line or time.monotonic() > deadline:
             self.proc.kill()
-            raise RuntimeError(f"host {self.name} did not start: {line!r}\n{self.logs()}")
+            self.proc.wait(10)
+            logs = self.logs()
+            self.proc.stdout.close()  # no pipe or file left open behind a host that failed
+            self.log.close()
+            raise RuntimeError(f"host {self.name} did not start: {line!r}\n{logs}")
         self.address = line.strip().rsplit(" ", 1)[-1]
         return self.address
 

@@ -130,8 +130,8 @@ def _validate_redis(s: _EnvSettings) -> None:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class HostSettings(_EnvSettings):
-    """An agent host (`rustic-agent-host`)."""
+class _RedisSettings(_EnvSettings):
+    """The registry connection, the same for hosts, engines and the CLI."""
 
     redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", _REDIS_URL_DOC)
     redis_username: str = _field("", "RUSTIC_K8S_REDIS_USERNAME", _REDIS_USERNAME_DOC)
@@ -140,6 +140,12 @@ class HostSettings(_EnvSettings):
     redis_cert_file: str = _field("", "RUSTIC_K8S_REDIS_CERT_FILE", _REDIS_CERT_DOC)
     redis_key_file: str = _field("", "RUSTIC_K8S_REDIS_KEY_FILE", _REDIS_KEY_DOC)
     key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class HostSettings(_RedisSettings):
+    """An agent host (`rustic-agent-host`)."""
+
     listen: str = _field("0.0.0.0:50051", HOST_PREFIX + "LISTEN", "gRPC listen address host:port (port 0 = any).")
     advertise: str = _field(
         "",
@@ -261,16 +267,9 @@ class HostSettings(_EnvSettings):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class EngineSettings(_EnvSettings):
+class EngineSettings(_RedisSettings):
     """An engine (the async engine, and `K8sExecutionEngine` built by a Guild)."""
 
-    redis_url: str = _field("redis://127.0.0.1:6379/0", "RUSTIC_K8S_REDIS_URL", _REDIS_URL_DOC)
-    redis_username: str = _field("", "RUSTIC_K8S_REDIS_USERNAME", _REDIS_USERNAME_DOC)
-    redis_password: str = _field("", "RUSTIC_K8S_REDIS_PASSWORD", _REDIS_PASSWORD_DOC, repr=False)
-    redis_ca_file: str = _field("", "RUSTIC_K8S_REDIS_CA_FILE", _REDIS_CA_DOC)
-    redis_cert_file: str = _field("", "RUSTIC_K8S_REDIS_CERT_FILE", _REDIS_CERT_DOC)
-    redis_key_file: str = _field("", "RUSTIC_K8S_REDIS_KEY_FILE", _REDIS_KEY_DOC)
-    key_prefix: str = _field("rk8s", "RUSTIC_K8S_KEY_PREFIX", "Prefix of every registry key; one per fleet.")
     discovery: str = _field(
         "registry", ENGINE_PREFIX + "DISCOVERY", "Where hosts come from: registry (hosts that registered), static, kubernetes or dns."
     )
