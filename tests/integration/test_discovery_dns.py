@@ -23,6 +23,7 @@ from rustic_ai.k8s import AsyncK8sEngine, ConfigError, EngineSettings
 from rustic_ai.k8s.placement.dns import DnsDiscovery, resolve_all
 from rustic_ai.k8s.placement.factory import discovery_from_settings
 from support.eventually import eventually
+from support.fleet import answers
 from support.probe import guild_spec, responder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,15 +164,7 @@ async def test_engine_places_agents_on_every_address_of_the_name(
         assert {r.host for r in records} == {h.address for h in hosts}
         probe = probe_factory(guild.id)
         for r in records:
-            probe.clear()
-
-            async def answered(agent_id=r.agent_id):
-                if not probe.acks_from(agent_id):
-                    probe.hello()
-                    return False
-                return True
-
-            await eventually(answered, timeout=15, interval=0.3, what=f"{r.agent_id} answering")
+            assert await answers(probe, r.agent_id)
 
 
 async def test_the_compose_demo_runs_a_guild_over_hosts_found_by_dns(start_host, redis_url, key_prefix):

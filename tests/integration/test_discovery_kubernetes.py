@@ -16,6 +16,7 @@ from rustic_ai.k8s import AsyncK8sEngine, ConfigError, EngineSettings
 from rustic_ai.k8s.placement.factory import discovery_from_settings
 from rustic_ai.k8s.placement.kubernetes import KubernetesDiscovery
 from support.eventually import eventually
+from support.fleet import answers
 from support.fake_kube_api import TOKEN, Endpoint, FakeKubeApi
 from support.probe import guild_spec, responder
 
@@ -265,15 +266,7 @@ async def test_engine_places_agents_on_hosts_the_endpoint_slices_list(
         assert {r.host for r in records} == {h.address for h in hosts}
         probe = probe_factory(guild.id)
         for r in records:
-            probe.clear()
-
-            async def answered(agent_id=r.agent_id):
-                if not probe.acks_from(agent_id):
-                    probe.hello()
-                    return False
-                return True
-
-            await eventually(answered, timeout=15, interval=0.3, what=f"{r.agent_id} answering")
+            assert await answers(probe, r.agent_id)
         # A host whose pod turns not ready leaves the engine's view.
         api.set_endpoints("hosts-1", [Endpoint(hosts[1].address.rsplit(":", 1)[0], ready=False)])
 
