@@ -163,7 +163,23 @@ class _PrivateRedisAdapter(Adapter):
         self.redis.close()
 
 
-class MultiProcessAdapter(_PrivateRedisAdapter):
+class _CoreEngineAdapter(_PrivateRedisAdapter):
+    """rusticai-core's own synchronous engines, driven the same way."""
+
+    async def close(self) -> None:
+        try:
+            self.engine.shutdown()
+        finally:
+            await super().close()
+
+    async def run_agent(self, guild: GuildSpec, agent: AgentSpec, machine_id: int) -> None:
+        self.engine.run_agent(guild, agent, self.messaging, machine_id=machine_id)
+
+    async def stop_agent(self, guild_id: str, agent_id: str) -> None:
+        self.engine.stop_agent(guild_id, agent_id)
+
+
+class MultiProcessAdapter(_CoreEngineAdapter):
     key = "multiprocess"
 
     def __init__(self) -> None:
@@ -179,18 +195,6 @@ class MultiProcessAdapter(_PrivateRedisAdapter):
 
         await super().start()
         self.engine = MultiProcessExecutionEngine("bench", ORG)
-
-    async def close(self) -> None:
-        try:
-            self.engine.shutdown()
-        finally:
-            await super().close()
-
-    async def run_agent(self, guild: GuildSpec, agent: AgentSpec, machine_id: int) -> None:
-        self.engine.run_agent(guild, agent, self.messaging, machine_id=machine_id)
-
-    async def stop_agent(self, guild_id: str, agent_id: str) -> None:
-        self.engine.stop_agent(guild_id, agent_id)
 
     async def run_many(self, guild: GuildSpec, agents: list[AgentSpec]) -> list[BaseException | None]:
         # The memory scenario needs more idle agents than cpu_count(): lift the per-guild cap.
@@ -212,7 +216,7 @@ class MultiProcessAdapter(_PrivateRedisAdapter):
         return out
 
 
-class MultiThreadedAdapter(_PrivateRedisAdapter):
+class MultiThreadedAdapter(_CoreEngineAdapter):
     key = "multithreaded"
     in_process = True
 
@@ -224,18 +228,6 @@ class MultiThreadedAdapter(_PrivateRedisAdapter):
 
         await super().start()
         self.engine = MultiThreadedEngine("bench", ORG)
-
-    async def close(self) -> None:
-        try:
-            self.engine.shutdown()
-        finally:
-            await super().close()
-
-    async def run_agent(self, guild: GuildSpec, agent: AgentSpec, machine_id: int) -> None:
-        self.engine.run_agent(guild, agent, self.messaging, machine_id=machine_id)
-
-    async def stop_agent(self, guild_id: str, agent_id: str) -> None:
-        self.engine.stop_agent(guild_id, agent_id)
 
 
 class RayAdapter(_PrivateRedisAdapter):
