@@ -164,7 +164,19 @@ class HostSettings(_RedisSettings):
     lease_renew_s: float = _field(1.0, HOST_PREFIX + "LEASE_RENEW_S", "Seconds between lease renewals.")
     fence_margin_s: float = _field(
         1.0, HOST_PREFIX + "FENCE_MARGIN_S",
-        "A host that could not renew for lease_s minus this stops its own agents (self-fencing).",
+        "Agents of a host that could not renew its lease for lease_s minus this are dead (each agent process "
+        "enforces it on itself, so a stalled host cannot keep a copy running once others may adopt it).",
+    )
+    fence_grace_s: float = _field(
+        0.0, HOST_PREFIX + "FENCE_GRACE_S",
+        "Seconds before that deadline an agent starts stopping cleanly (finishing the message in hand); "
+        "0 = automatic: lease_s - fence_margin_s - 2 * lease_renew_s, at most 1 s.",
+    )
+    hold_max_s: float = _field(
+        60.0, HOST_PREFIX + "HOLD_MAX_S",
+        "When no host can reach Redis nobody can adopt, so agents keep running (their deadline is extended on "
+        "every peer host's word that it cannot reach Redis either) for at most this long after the host last "
+        "reached Redis; then they stop and start again once Redis answers. Fleet-wide: use one value.",
     )
     max_restarts: int = _field(5, HOST_PREFIX + "MAX_RESTARTS", "Restarts of a crashed agent allowed per window.")
     restart_window_s: float = _field(60.0, HOST_PREFIX + "RESTART_WINDOW_S", "Window of the restart limit.")
@@ -230,6 +242,13 @@ class HostSettings(_RedisSettings):
         "", HOST_PREFIX + "METRICS_LISTEN", "Prometheus metrics endpoint host:port (GET /metrics); empty = off."
     )
 
+    @property
+    def agent_grace_s(self) -> float:
+        """How long before the hard deadline an agent starts stopping cleanly (fence_grace_s, or derived)."""
+        if self.fence_grace_s > 0:
+            return self.fence_grace_s
+        return max(0.05, min(1.0, self.lease_s - self.fence_margin_s - 2 * self.lease_renew_s))
+
     def validate(self) -> None:
         self._require(self.capacity > 0, "capacity", "must be at least 1")
         self._require(self.heartbeat_s > 0, "heartbeat_s", "must be positive")
@@ -239,6 +258,12 @@ class HostSettings(_RedisSettings):
             self.lease_s > self.lease_renew_s + self.fence_margin_s, "lease_s",
             "must exceed lease_renew_s + fence_margin_s",
         )
+        self._require(self.fence_grace_s >= 0, "fence_grace_s", "must not be negative")
+        self._require(
+            self.lease_s - self.fence_margin_s - self.agent_grace_s > self.lease_renew_s, "fence_grace_s",
+            "lease_s - fence_margin_s - fence_grace_s must exceed lease_renew_s (else agents stop between renewals)",
+        )
+        self._require(self.hold_max_s >= 0, "hold_max_s", "must not be negative")
         self._require(self.max_restarts >= 0, "max_restarts", "must not be negative")
         self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
         self._require(self.stop_grace_s >= 0, "stop_grace_s", "must not be negative")

@@ -1,7 +1,15 @@
-"""Validation of launch requests with rusticai-core's own pydantic models.
+"""Validation of launch requests.
 
-Runs on the host (to answer INVALID_ARGUMENT before a process is spent) and again in the
-agent process, which rebuilds the real objects from the same JSON.
+Two depths, on purpose:
+
+* ``summarize_launch`` — on the host. The shape only: ids, names, a class name that is a
+  dotted path, a messaging config. It imports nothing. rusticai-core's ``AgentSpec`` (and
+  ``GuildSpec``, which holds agent specs) import the agent's class while validating, and an
+  import runs arbitrary module code — seconds of it for heavy ML libraries — which on the
+  host's event loop would stall every RPC and the lease with it.
+* ``parse_launch`` — in the agent process (process/child.py), with rusticai-core's own
+  pydantic models; a failure there is reported back as ``invalid_spec`` and answered with
+  the same INVALID_ARGUMENT as a shape error on the host.
 """
 
 from __future__ import annotations
@@ -78,6 +86,45 @@ def build_launch_request(
         return LaunchRequest(**fields)
     except ValidationError as exc:
         raise InvalidSpecError(f"invalid launch request: {_short(exc)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSummary:
+    """What the host needs of a launch request, read without importing anything."""
+
+    guild_id: str
+    agent_id: str
+    name: str
+    class_name: str
+    spec_json: str
+
+
+def _dotted(name: object) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 512 and "." in name
+            and all(part.isidentifier() for part in name.split(".")))
+
+
+def summarize_launch(request: LaunchRequest) -> LaunchSummary:
+    """Checks a request's shape without importing any class it names; raises InvalidSpecError."""
+    guild, agent = request.guild_spec, request.agent_spec
+    guild_id, agent_id = guild.get("id"), agent.get("id")
+    if not isinstance(guild_id, str) or not guild_id:
+        raise InvalidSpecError("invalid guild spec: id must be a non-empty string")
+    if not isinstance(agent_id, str) or not agent_id:
+        raise InvalidSpecError("invalid agent spec: id must be a non-empty string")
+    name = agent.get("name", "")
+    if not isinstance(name, str):
+        raise InvalidSpecError("invalid agent spec: name must be a string")
+    class_name = agent.get("class_name")
+    if not _dotted(class_name):
+        raise InvalidSpecError(f"invalid agent spec: class_name {class_name!r} is not a dotted path module.Class")
+    if not _dotted(request.client_type):
+        raise InvalidSpecError(f"invalid launch request: client_type {request.client_type!r} is not a dotted path")
+    try:
+        MessagingConfig.model_validate(request.messaging_config)  # plain fields: imports nothing
+    except (ValidationError, ValueError, TypeError) as exc:
+        raise InvalidSpecError(f"invalid messaging config: {_short(exc)}") from None
+    return LaunchSummary(guild_id, agent_id, name, str(class_name), json.dumps(agent, separators=(",", ":")))
 
 
 def parse_launch(request: LaunchRequest) -> ParsedLaunch:

@@ -1,14 +1,23 @@
 """Re-placing agents whose host is gone: dead hosts are reaped, orphans adopted.
 
-Every host runs this loop. A tick (1) reaps hosts whose lease expired — one atomic
-script moves their agents onto the fleet's orphan queue, so exactly one reaper takes
-each dead host's agents — and (2) pops as many orphans as this host has room for and
-launches them here through the normal create path. Draining hosts push their agents
-onto the same queue (stop first, then start elsewhere: never two live copies).
+Every host runs this loop. A tick (1) reaps hosts whose lease lapsed — one atomic script
+moves their agents onto the fleet's orphan queue, so exactly one reaper takes each dead
+host's agents — and (2) takes as many orphans as this host has room for into its own
+in-progress list and launches them here through the normal create path; each is
+acknowledged once handled, so neither a reply lost on the wire nor this host dying
+mid-adoption loses one (a reaped host's in-progress list goes back on the queue).
+Draining hosts hand their agents to the same queue (stop first, then start elsewhere:
+never two live copies).
 
-An orphan is only launched if the engine still wants it (its desired state exists)
-and it is not running elsewhere; the exclusive claim in ``create_agent`` settles any
-race between two adopters. Because hosts do this, failover needs no engine running.
+Reaping is the dangerous step, so it is fenced three ways (scripts.REAP_HOSTS):
+* hosts this host promised a hold to (``spare``, see lease.py) are never reaped;
+* a reap that reaches Redis late (it sat in a buffer while Redis was paused) does
+  nothing: it carries a lower bound of Redis's clock at sending and a validity;
+* a host that joined after the dead one last renewed — so the dead one may never have
+  heard of it, nor asked it for a hold — waits the dead host's whole hold limit.
+
+An orphan is only launched if the engine still wants it; the claim checks that in the
+same atomic step as it takes the agent, so a stop racing the adoption wins.
 """
 
 from __future__ import annotations
@@ -16,13 +25,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 from ..base.errors import AgentAlreadyExistsError, PermanentError, RegistryUnavailableError, TemporaryError
 from ..base.models import AgentKey, LaunchRequest
 from ..registry import LocationRegistry
+from .lease import Lease
 
 log = logging.getLogger(__name__)
+
+REAP_VALIDITY_S = 1.0  # a reap that reaches Redis later than this after it was sent is refused
 
 
 class Reconciler:
@@ -34,6 +47,8 @@ class Reconciler:
         interval_s: float,
         free_slots: Callable[[], int],
         adopt: Callable[[LaunchRequest], Awaitable[object]],
+        lease: Lease,
+        spare: Callable[[], list[str]],
         batch: int = 8,
     ) -> None:
         self._registry = registry
@@ -41,7 +56,12 @@ class Reconciler:
         self._interval_s = interval_s
         self._free_slots = free_slots
         self._adopt = adopt
+        self._lease = lease
+        self._spare = spare
         self._batch = batch
+        self._reap_sent_at: float | None = None  # monotonic, while a reap request is unanswered
+        self._reap_done = asyncio.Event()
+        self._reap_done.set()
         self.adopted = 0
 
     async def run(self) -> None:
@@ -49,42 +69,76 @@ class Reconciler:
         await asyncio.sleep(random.uniform(0, self._interval_s))
         while True:
             try:
-                await self.tick()
-            except RegistryUnavailableError as exc:
+                async with asyncio.timeout(max(5.0, 4 * self._interval_s)):
+                    await self.tick()
+            except (RegistryUnavailableError, TimeoutError) as exc:
                 log.debug("reconcile skipped, registry unreachable: %s", exc)
             await asyncio.sleep(self._interval_s)
 
+    async def wait_no_reap_in_flight(self) -> bool:
+        """Returns once no reap of ours can still take effect (answered, or too late to run)."""
+        sent = self._reap_sent_at
+        if sent is None:
+            return True
+        left = sent + REAP_VALIDITY_S + 0.1 - time.monotonic()
+        if left > 0:
+            try:
+                await asyncio.wait_for(self._reap_done.wait(), left)
+            except TimeoutError:
+                pass
+        return True
+
     async def tick(self) -> int:
-        reaped = await self._registry.reap_dead_hosts(self._address())
-        for address in reaped:
-            log.warning("host %s lost its lease; its agents are queued for placement", address)
-        keys = await self._registry.pop_orphans(min(self._free_slots(), self._batch))
+        if self._lease.valid() and self._lease.beats:
+            await self._reap()
+        room = min(self._free_slots(), self._batch)
+        if room <= 0:
+            return 0
+        keys = await self._registry.pop_orphans(room, self._address())
         if not keys:
             return 0
         results = await asyncio.gather(*(self._adopt_one(k) for k in keys))
         return sum(results)
 
+    async def _reap(self) -> None:
+        self._reap_sent_at = time.monotonic()
+        self._reap_done.clear()
+        try:
+            reaped = await self._registry.reap_dead_hosts(
+                self._address(), spare=self._spare(), sent_ms=self._lease.redis_now_ms(),
+                validity_ms=int(REAP_VALIDITY_S * 1000),
+            )
+        finally:
+            self._reap_sent_at = None
+            self._reap_done.set()
+        for address in reaped:
+            log.warning("host %s lost its lease; its agents are queued for placement", address)
+
     async def _adopt_one(self, key: AgentKey) -> int:
+        """Adopts one orphan, then settles it in our in-progress list: acked, or back on the queue."""
+        adopted = 0
         try:
             request = await self._registry.desired_request(key)
             if request is None:
                 log.info("orphan %s is no longer wanted (stopped meanwhile); dropped", key)
-                return 0
-            if await self._registry.is_agent_running(key):
-                return 0  # already live elsewhere
-            await self._adopt(request)
+            elif not await self._registry.is_agent_running(key):
+                await self._adopt(request)
+                adopted = 1
+                self.adopted += 1
+                log.info("adopted orphan %s", key)
         except AgentAlreadyExistsError:
-            return 0
+            pass  # running elsewhere, or no longer wanted (the claim checks both atomically)
         except TemporaryError as exc:
             log.warning("could not adopt %s now (%s); queued again", key, exc)
             try:
-                await self._registry.push_orphans([key])
+                await self._registry.requeue_orphans([key], self._address())
             except RegistryUnavailableError:
-                log.error("orphan %s lost: registry unreachable while re-queueing", key)
+                pass  # still in our in-progress list: the next tick returns it
             return 0
         except PermanentError as exc:
             log.error("orphan %s cannot be launched and is dropped: %s", key, exc)
-            return 0
-        self.adopted += 1
-        log.info("adopted orphan %s", key)
-        return 1
+        try:
+            await self._registry.ack_orphans([key], self._address())
+        except RegistryUnavailableError:
+            pass  # handled; the next tick sees it again and finds it running or unwanted
+        return adopted

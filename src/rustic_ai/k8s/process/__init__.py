@@ -1,9 +1,11 @@
 """Agents as OS processes: the only package that starts, signals and reaps subprocesses.
 
-``AgentProcessManager`` (manager.py) runs the agents of one host; a ``Launcher``
+``AgentProcessManager`` (manager.py) starts agent processes and hands each one's
+``AgentProcess`` handle to its single owner (the host's supervisor); a ``Launcher``
 (launcher.py: cold, a fresh interpreter per agent; warm.py: forked from a pre-imported
 fork server, forkserver.py) starts them; ``child.py`` is what runs inside each agent
-process; ``control.py`` is the one-line JSON protocol between the two sides;
+process; ``fence.py`` is the agent's side of the host lease (it stops itself when the
+deadline passes); ``control.py`` is the wire format between the two sides;
 ``output.py`` keeps the last lines each agent printed.
 """
 

@@ -15,6 +15,10 @@ classified: a request that can never work (bad JSON, spec validation, an agent c
 cannot be imported or is not an Agent, a bad client type) is ``invalid_spec`` and exit
 code 2; anything else raised while building or subscribing is ``launch`` and exit code 3.
 
+The host's lease is enforced here too (``fence.py``): a thread stops the agent cleanly when
+the deadline the host last extended passes, and a kernel timer ends it at the hard
+deadline, so a stalled host never leaves a copy running once another host may adopt it.
+
 Shutdown is SIGTERM (or SIGINT): the handler only sets a flag, the main thread (woken
 through ``signal.set_wakeup_fd``, see ``_StopSignal``) then calls
 ``AgentWrapper.shutdown()`` (unsubscribe, unregister, close messaging) and exits 0 with
@@ -49,9 +53,11 @@ from ..base.allowlist import ModuleAllowList
 from ..base.errors import ForbiddenModuleError, InvalidSpecError
 from ..base.models import LaunchRequest
 from ..base.specs import ParsedLaunch, parse_launch
+from .fence import LeaseFence
 from .control import (
     CONTROL_FD_ENV,
     EVENT_READY,
+    EXIT_FENCED,
     EXIT_INVALID_SPEC,
     EXIT_LAUNCH_FAILED,
     EXIT_OK,
@@ -59,6 +65,7 @@ from .control import (
     KIND_FORBIDDEN,
     KIND_INVALID_SPEC,
     KIND_LAUNCH,
+    LEASE_FD_ENV,
     PARENT_PID_ENV,
     error_event,
     read_all,
@@ -147,10 +154,10 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self._set = False
-        self._wake_r, wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -158,7 +165,12 @@ class _StopSignal:
         self._set = True
 
     def set(self) -> None:
+        """Asks the main thread to stop; callable from any thread (the lease fence's)."""
         self._set = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # the pipe is full: a wake-up is already pending
+            pass
 
     def wait(self) -> None:
         while not self._set:
@@ -171,10 +183,16 @@ class _StopSignal:
                 pass
 
 
-def run(raw: bytes, control_fd: int, *, ready_extra: dict[str, Any] | None = None) -> int:
-    """Builds the agent, reports on ``control_fd``, serves until SIGTERM; returns the exit code."""
+def run(raw: bytes, control_fd: int, lease_fd: int, *, ready_extra: dict[str, Any] | None = None) -> int:
+    """Builds the agent, reports on ``control_fd``, serves until SIGTERM or the lease deadline; returns the exit code.
+
+    The lease fence is armed before anything else: a host that loses its lease while this
+    agent is still being built must not leave it running either.
+    """
     stop = _StopSignal()
     _configure_logging(raw)
+    fence = LeaseFence(lease_fd, on_stop=stop.set)
+    fence.arm()
 
     try:
         parsed, client_type = prepare(raw)
@@ -226,7 +244,7 @@ def run(raw: bytes, control_fd: int, *, ready_extra: dict[str, Any] | None = Non
     except Exception:
         log.exception("agent %s did not shut down cleanly", request.key)
     log.info("agent %s stopped", request.key)
-    return EXIT_OK
+    return EXIT_FENCED if fence.fired else EXIT_OK
 
 
 def _report(control_fd: int, event: dict[str, Any]) -> bool:
@@ -261,13 +279,16 @@ def main() -> NoReturn:
         os._exit(EXIT_ORPHANED)
     try:
         control_fd = int(os.environ[CONTROL_FD_ENV])
-        # pass_fds made it inheritable; an agent's own subprocesses must not hold it open,
+        lease_fd = int(os.environ[LEASE_FD_ENV])
+        # pass_fds made them inheritable; an agent's own subprocesses must not hold them open,
         # or the host would not see end of file when this process dies.
         os.set_inheritable(control_fd, False)
+        os.set_inheritable(lease_fd, False)
     except (KeyError, ValueError, OSError) as exc:
-        print(f"rustic_ai.k8s.process.child: no usable control pipe ({CONTROL_FD_ENV}): {exc}", file=sys.stderr)
+        print(f"rustic_ai.k8s.process.child: no usable control or lease pipe ({CONTROL_FD_ENV}, {LEASE_FD_ENV}): "
+              f"{exc}", file=sys.stderr)
         os._exit(EXIT_INVALID_SPEC)
-    finish(run(read_all(0), control_fd))
+    finish(run(read_all(0), control_fd, lease_fd))
 
 
 if __name__ == "__main__":

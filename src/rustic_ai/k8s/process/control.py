@@ -29,6 +29,7 @@ from typing import Any
 # Environment variables a cold-started child reads (a forked child gets the same values as arguments).
 CONTROL_FD_ENV = "RUSTIC_K8S_CONTROL_FD"
 PARENT_PID_ENV = "RUSTIC_K8S_PARENT_PID"
+LEASE_FD_ENV = "RUSTIC_K8S_LEASE_FD"  # the read end of the lease pipe (see fence.py)
 
 # The fork server (forkserver.py): its socket's fd number, extra modules to preload, and the
 # shape of its messages. Kept here so the host side never imports the server's module.
@@ -36,7 +37,7 @@ FORKSERVER_MODULE = "rustic_ai.k8s.process.forkserver"
 FORKSERVER_FD_ENV = "RUSTIC_K8S_FORKSERVER_FD"
 PRELOAD_ENV = "RUSTIC_AGENT_HOST_PRELOAD"
 FORKSERVER_MAX_MESSAGE = 1 << 16
-FDS_PER_FORK = 3  # the child's stdin read end, output write end, control write end
+FDS_PER_FORK = 4  # the child's stdin read end, output write end, control write end, lease read end
 
 EVENT_READY = "ready"
 EVENT_ERROR = "error"
@@ -48,6 +49,7 @@ EXIT_OK = 0
 EXIT_INVALID_SPEC = 2
 EXIT_LAUNCH_FAILED = 3
 EXIT_ORPHANED = 4  # the parent was already gone when the child started
+EXIT_FENCED = 5  # the host could no longer prove its lease: the agent stopped itself (fence.py)
 
 MAX_MESSAGE_CHARS = 4000  # keeps a control line far below the host's StreamReader line limit
 
@@ -56,6 +58,17 @@ _PR_SET_PDEATHSIG = 1
 
 def encode_event(event: dict[str, Any]) -> bytes:
     return (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def encode_deadline(stop_at: float, kill_at: float) -> bytes:
+    """One lease-pipe line: CLOCK_MONOTONIC instants (seconds) to stop cleanly by, and to be dead by."""
+    return f"{stop_at:.6f} {kill_at:.6f}\n".encode()
+
+
+def decode_deadline(line: bytes) -> tuple[float, float]:
+    """Raises ValueError for anything but two numbers."""
+    stop_at, kill_at = (float(v) for v in line.split())
+    return stop_at, kill_at
 
 
 def decode_event(line: bytes) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Protocol, over a SOCK_SEQPACKET Unix socket the host passes in (fd number in
 ``RUSTIC_K8S_FORKSERVER_FD``); every message is one JSON object, nothing is pickled:
 
     server -> host  {"event": "hello", "pid": P, "preloaded": [...], "threads": 1, ...}
-    host -> server  {"op": "fork", "id": N}   + fds [stdin read end, output write end, control write end]
+    host -> server  {"op": "fork", "id": N}   + fds [stdin read end, output write end, control write end,
+                                                   lease read end]
     server -> host  {"event": "forked", "id": N, "pid": C}   + fds [pidfd of C]
     server -> host  {"event": "fork_error", "id": N, "message": "..."}
     server -> host  {"event": "exit", "pid": C, "exit": code}   (after reaping C; negative = signal)
@@ -109,6 +110,7 @@ def os_thread_count() -> int:
 
 
 LEARN_ENV = "RUSTIC_AGENT_HOST_LEARN_PRELOAD"
+SLOW_IMPORT_S = 1.0  # a module whose trial import takes longer is not preloaded
 _TRIAL_OK, _TRIAL_IMPORT_FAILED, _TRIAL_THREADS = 0, 1, 2
 
 
@@ -123,7 +125,7 @@ class ForkServer:
         self.selector = selectors.DefaultSelector()
         self.wakeup_r, self.wakeup_w = os.pipe()
         self.learning = os.environ.get(LEARN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-        self._trials: dict[int, str] = {}  # pid of a trial-import child -> module
+        self._trials: dict[int, tuple[str, float]] = {}  # pid of a trial-import child -> (module, started)
 
     def serve(self, hello: dict[str, Any]) -> int:
         os.set_blocking(self.wakeup_w, False)
@@ -206,7 +208,7 @@ class ForkServer:
             # import would bypass the allow-list the agent process enforces (base/allowlist.py).
             self._send({"event": "learned", "module": module, "ok": False, "reason": "outside the module allow-list"})
             return
-        if module in sys.modules or module in self._trials.values():
+        if module in sys.modules or module in (m for m, _ in self._trials.values()):
             self._send({"event": "learned", "module": module, "ok": module in sys.modules, "reason": "known"})
             return
         for stream in (sys.stdout, sys.stderr):
@@ -220,10 +222,15 @@ class ForkServer:
                 code = _TRIAL_OK if os_thread_count() == 1 else _TRIAL_THREADS
             finally:
                 os._exit(code)
-        self._trials[pid] = module
+        self._trials[pid] = (module, time.monotonic())
 
-    def _trial_done(self, module: str, code: int) -> None:
-        if code == _TRIAL_THREADS:
+    def _trial_done(self, module: str, code: int, took_s: float) -> None:
+        if code == _TRIAL_OK and took_s > SLOW_IMPORT_S:
+            # This server forks every agent of the host: an import that takes seconds here
+            # would hold every launch up meanwhile. Such a module keeps being imported in
+            # each agent process instead, where it only delays that agent.
+            reason = f"importing it took {took_s:.1f} s (over {SLOW_IMPORT_S:.0f} s); not worth stalling forks"
+        elif code == _TRIAL_THREADS:
             reason = "importing it starts threads; forking after that would be unsafe"
         elif code != _TRIAL_OK:
             reason = f"trial import failed (exit {code})"
@@ -257,7 +264,8 @@ class ForkServer:
             if pid == 0:
                 return
             if pid in self._trials:
-                self._trial_done(self._trials.pop(pid), os.waitstatus_to_exitcode(status))
+                module, started = self._trials.pop(pid)
+                self._trial_done(module, os.waitstatus_to_exitcode(status), time.monotonic() - started)
                 continue
             self._send({"event": "exit", "pid": pid, "exit": os.waitstatus_to_exitcode(status)})
 
@@ -280,7 +288,7 @@ class ForkServer:
         os.close(self.wakeup_w)
 
 
-def become_agent(server: ForkServer, stdin_fd: int, output_fd: int, control_fd: int) -> NoReturn:
+def become_agent(server: ForkServer, stdin_fd: int, output_fd: int, control_fd: int, lease_fd: int) -> NoReturn:
     """Runs in the forked child: becomes an agent process, never returns into the server loop."""
     code = 1
     try:
@@ -300,11 +308,12 @@ def become_agent(server: ForkServer, stdin_fd: int, output_fd: int, control_fd: 
         for fd in (stdin_fd, output_fd):
             if fd > 2:
                 os.close(fd)
-        os.set_inheritable(control_fd, False)  # an agent's own subprocesses must not keep it open
+        os.set_inheritable(control_fd, False)  # an agent's own subprocesses must not keep these open
+        os.set_inheritable(lease_fd, False)
         request = child.read_all(0)
         extra = {"warm": True, "forkserver_pid": server.pid, "preloaded": PRELOADED,
                  "read_request_s": round(time.monotonic() - forked_at, 4)}
-        code = child.run(request, control_fd, ready_extra=extra)
+        code = child.run(request, control_fd, lease_fd, ready_extra=extra)
         child.finish(code)
     except BaseException:
         try:

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..base.errors import ConfigError
 from ..base.models import LaunchRequest
-from .control import CONTROL_FD_ENV, PARENT_PID_ENV
+from .control import CONTROL_FD_ENV, LEASE_FD_ENV, PARENT_PID_ENV, encode_deadline
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ class PidHandle:
             self.fd = None
 
 
+def lease_pipe(deadline: tuple[float, float]) -> tuple[int, int]:
+    """(read end for the child, non-blocking write end for the host), the first deadline already in it.
+
+    Written before the child exists, so the child's fence arms before it reads its request.
+    """
+    lease_r, lease_w = os.pipe()
+    os.set_blocking(lease_w, False)
+    os.write(lease_w, encode_deadline(*deadline))  # an empty pipe takes one short line
+    return lease_r, lease_w
+
+
 class SpawnedProcess(abc.ABC):
     """One child as a launcher started it; the manager owns it from here on."""
 
@@ -94,6 +105,27 @@ class SpawnedProcess(abc.ABC):
     output: asyncio.StreamReader  # stdout and stderr, merged
     control: asyncio.StreamReader  # the control pipe: one JSON line, then end of file
     info: dict[str, Any]  # launcher-specific facts, for logs and tests
+    _lease_w: int | None = None  # the host's end of the lease pipe (fence.py)
+
+    def send_deadline(self, stop_at: float, kill_at: float) -> None:
+        """Extends the child's lease deadline; never blocks (a full pipe or a gone child drops the line).
+
+        Dropping is the safe direction: the child keeps the older, earlier deadline.
+        """
+        if self._lease_w is None:
+            return
+        try:
+            os.write(self._lease_w, encode_deadline(stop_at, kill_at))
+        except BlockingIOError:
+            pass
+        except OSError:  # EPIPE: the child is gone
+            self.close_lease()
+
+    def close_lease(self) -> None:
+        fd, self._lease_w = self._lease_w, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     @abc.abstractmethod
     async def wait(self) -> int:
@@ -127,9 +159,10 @@ class Launcher(abc.ABC):
         """Called (without awaiting) when an agent this launcher started reported ready."""
 
     @abc.abstractmethod
-    async def spawn(self, request: LaunchRequest) -> SpawnedProcess:
+    async def spawn(self, request: LaunchRequest, deadline: tuple[float, float]) -> SpawnedProcess:
         """Starts one child for ``request`` and returns once it exists (not once it is ready).
 
+        ``deadline`` is the first (stop_at, kill_at) for the child's lease fence (fence.py).
         Cancellation-safe: if cancelled after the child exists, the child is killed.
         """
 
@@ -155,8 +188,9 @@ async def read_pipe(fd: int, limit: int = CONTROL_LINE_LIMIT) -> tuple[asyncio.S
 
 class ColdProcess(SpawnedProcess):
     def __init__(self, proc: asyncio.subprocess.Process, control: asyncio.StreamReader,
-                 control_transport: asyncio.BaseTransport) -> None:
+                 control_transport: asyncio.BaseTransport, lease_w: int) -> None:
         assert proc.stdout is not None
+        self._lease_w = lease_w
         self.pid = proc.pid
         self.output = proc.stdout
         self.control = control
@@ -176,6 +210,7 @@ class ColdProcess(SpawnedProcess):
 
     def close(self) -> None:
         self.close_control()
+        self.close_lease()
         self._pid.close()
 
 
@@ -188,16 +223,19 @@ class ColdLauncher(Launcher):
         self.env = dict(env or {})
         self.python = python
 
-    async def spawn(self, request: LaunchRequest) -> SpawnedProcess:
+    async def spawn(self, request: LaunchRequest, deadline: tuple[float, float]) -> SpawnedProcess:
         data = request.model_dump_json().encode()
-        control_r, control_w = os.pipe()  # both non-inheritable; pass_fds opens control_w to this child only
+        control_r, control_w = os.pipe()  # all non-inheritable; pass_fds opens the child's ends to it only
+        lease_r, lease_w = lease_pipe(deadline)
         try:
             control, control_transport = await read_pipe(control_r)
         except BaseException:
-            os.close(control_w)
+            for fd in (control_w, lease_r, lease_w):
+                os.close(fd)
             raise
         env = child_environment(self.env)
         env[CONTROL_FD_ENV] = str(control_w)
+        env[LEASE_FD_ENV] = str(lease_r)
         env[PARENT_PID_ENV] = str(os.getpid())
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -205,23 +243,25 @@ class ColdLauncher(Launcher):
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                pass_fds=(control_w,),
+                pass_fds=(control_w, lease_r),
                 env=env,
                 process_group=0,
             )
         except BaseException:
             control_transport.close()
+            os.close(lease_w)
             raise
         finally:
-            # Only the child may hold the write end: its death must read as end of file here.
+            # Only the child may hold these ends: its death must read as end of file here.
             os.close(control_w)
+            os.close(lease_r)
         assert proc.stdin is not None
         # Buffered by the transport and flushed as the child reads; closing sends the end of
         # file that ends the request. Nothing is awaited, so there is no cancellation window
         # in which the child exists but nobody holds it.
         proc.stdin.write(data)
         proc.stdin.close()
-        return ColdProcess(proc, control, control_transport)
+        return ColdProcess(proc, control, control_transport, lease_w)
 
 
 def make_launcher(mode: str, *, env: Mapping[str, str] | None = None, preload: tuple[str, ...] = ()) -> Launcher:

@@ -1,21 +1,20 @@
-"""The process manager: the agents of one host, as child processes, and their whole lives.
+"""The process manager: starts agent processes and ends them; it keeps no table of agents.
 
-``AgentProcessManager`` launches an agent (through a ``Launcher``) and returns only when
-the agent reported ready, i.e. it is built and subscribed; it stops agents (SIGTERM, a
-grace period, then SIGKILL to the agent's process group); and it notices at once when an
-agent exits on its own, calling ``on_exit`` from the process's exit watcher rather than
-at some later poll. Everything runs on the event loop: no threads and no blocking calls.
+``AgentProcessManager.launch`` starts an agent (through a ``Launcher``) and returns an
+``AgentProcess`` handle only when the agent reported ready, i.e. it is built and
+subscribed. The handle is the agent's one owner's (the host's supervisor for that agent,
+host/supervisor.py): it awaits the exit (``wait``), stops (``stop``: SIGTERM, grace,
+SIGKILL to the process group), kills (``kill``) and extends the lease deadline the
+process enforces on itself (``send_deadline``, see fence.py). Which agent runs where, and
+whether two launches of one agent collide, is decided by that owner's table alone — the
+manager does not keep a second one that could disagree with it.
 
-Each process has two tasks owned by the manager, cancelled by ``close()`` if still
-running: a *pump* that drains its output into an ``OutputBuffer`` (so a child's pipe
-never fills and blocks it) and a *watcher* that awaits its exit, records the exit code,
-takes it out of the table and reports unexpected exits.
-
-Bookkeeping rules: a key is reserved in ``_launching`` before the first await of a launch,
-so two launches of one agent cannot both pass the duplicate check and a host cannot be
-over-committed by launches in flight (they count towards capacity). No lock is held
-across an await: launches run truly concurrently. A handle leaves the table the moment
-its process exits; the caller keeps the handle with its exit code and output.
+What the manager does keep is the set of processes it started and that have not exited,
+so that ``close()`` can end every one of them (the last resort of a host shutdown), and
+two tasks per process, cancelled by ``close()`` if still running: a *pump* that drains its
+output into an ``OutputBuffer`` (so a child's pipe never fills and blocks it) and a
+*watcher* that awaits its exit and records the exit code. Everything runs on the event
+loop: no threads and no blocking calls.
 """
 
 from __future__ import annotations
@@ -26,15 +25,12 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Self
 
 from ..base.errors import (
-    AgentAlreadyExistsError,
     AgentLaunchError,
-    AgentNotFoundError,
     ForbiddenModuleError,
-    HostFullError,
     HostUnavailableError,
     InvalidSpecError,
     LaunchTimeoutError,
@@ -61,15 +57,13 @@ class AgentProcess:
         self.started_at = time.time()
         self.output = output
         self.exit_code: int | None = None
-        self.stopping = False
+        self.stopping = False  # the owner asked it to stop (its exit is not a crash)
         self.ready_info: dict[str, Any] = {}  # the child's ready report (pid, and launcher facts)
         self.launch_s = 0.0  # from launch() to ready, seconds
         self._spawned = spawned
         self._exited = asyncio.Event()
-        # True once the launch succeeded, False if it failed: the watcher reports an exit
-        # through on_exit only for agents a caller was told are running.
-        self._launched: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._stop_task: asyncio.Task[None] | None = None
+        self._grace_s = 10.0
 
     @property
     def running(self) -> bool:
@@ -81,6 +75,45 @@ class AgentProcess:
         assert self.exit_code is not None
         return self.exit_code
 
+    def send_deadline(self, stop_at: float, kill_at: float) -> None:
+        """Extends the lease deadline this process enforces on itself (never blocks)."""
+        if self.exit_code is None:
+            self._spawned.send_deadline(stop_at, kill_at)
+
+    async def stop(self, grace_s: float | None = None) -> int:
+        """SIGTERM, up to ``grace_s`` to exit, then SIGKILL to the group; returns the exit code.
+
+        A second stop joins the first. Shielded: a cancelled caller still leaves the stop
+        running to its end.
+        """
+        self.stopping = True
+        if self._stop_task is None:
+            grace = self._grace_s if grace_s is None else grace_s
+            self._stop_task = asyncio.create_task(self._terminate(grace), name=f"agent-stop:{self.key}")
+        await asyncio.shield(self._stop_task)
+        return await self.wait()
+
+    def kill(self) -> None:
+        """SIGKILLs the process group without marking it stopping: its exit reads as a crash."""
+        self._spawned.send_signal(signal.SIGKILL, group=True)
+
+    async def _terminate(self, grace_s: float) -> None:
+        if self._exited.is_set():
+            return
+        self._spawned.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.wait(), grace_s)
+            return
+        except TimeoutError:
+            log.warning("agent %s (pid %d) did not stop within %.1f s; sending SIGKILL", self.key, self.pid, grace_s)
+        await self._kill_and_wait()
+
+    async def _kill_and_wait(self) -> None:
+        self.stopping = True
+        self._spawned.send_signal(signal.SIGKILL, group=True)
+        # Shielded so that a cancelled launch still leaves no process behind when it re-raises.
+        await asyncio.shield(self.wait())
+
     def __repr__(self) -> str:
         return f"<AgentProcess {self.key} pid={self.pid} exit_code={self.exit_code}>"
 
@@ -89,11 +122,9 @@ class AgentProcessManager:
     def __init__(
         self,
         *,
-        capacity: int,
         launch_timeout_s: float,
         stop_grace_s: float,
         output_lines: int,
-        on_exit: Callable[[AgentProcess], Awaitable[None]] | None = None,
         launcher: Launcher | None = None,
         launch_mode: str = "warm",
         env: Mapping[str, str] | None = None,
@@ -103,15 +134,13 @@ class AgentProcessManager:
 
         A launcher passed in is borrowed (the caller closes it); one built here is owned.
         """
-        self.capacity = capacity
         self.launch_timeout_s = launch_timeout_s
         self.stop_grace_s = stop_grace_s
         self.output_lines = output_lines
-        self._on_exit = on_exit
         self._owns_launcher = launcher is None
         self.launcher = launcher or make_launcher(launch_mode, env=env, preload=tuple(preload))
-        self._procs: dict[AgentKey, AgentProcess] = {}
-        self._launching: dict[AgentKey, AgentProcess | None] = {}  # reserved; the handle once spawned
+        self._live: set[AgentProcess] = set()  # started and not exited: what close() must end
+        self._launches = 0
         self._no_launches = asyncio.Event()
         self._no_launches.set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -128,7 +157,7 @@ class AgentProcessManager:
         self._started = True
 
     async def close(self) -> None:
-        """Stops every agent concurrently, then releases the launcher. Idempotent; fine before start."""
+        """Ends every process it started, concurrently, then releases the launcher. Idempotent; fine before start."""
         if self._close_task is None:
             self._close_task = asyncio.create_task(self._close(), name="agent-processes:close")
         # Shielded: a caller cancelled mid-close must not leave half the agents running.
@@ -136,16 +165,10 @@ class AgentProcessManager:
 
     async def _close(self) -> None:
         self._closing = True
-        running = list(self._procs.values())
-        starting = [p for p in self._launching.values() if p is not None]
-        if running or starting:
-            log.info("stopping %d agent processes (%d still starting)", len(running) + len(starting), len(starting))
-        await asyncio.gather(
-            *(self._stop(p, self.stop_grace_s) for p in running),
-            # Not serving yet, so nothing to shut down cleanly: their launches fail at once.
-            *(self._kill(p) for p in starting),
-            return_exceptions=True,
-        )
+        live = list(self._live)
+        if live:
+            log.info("stopping %d agent processes", len(live))
+        await asyncio.gather(*(p.stop(self.stop_grace_s) for p in live), return_exceptions=True)
         # Launches still inside spawn() see _closing when it returns and kill their child.
         await self._no_launches.wait()
         tasks = list(self._tasks)
@@ -164,52 +187,39 @@ class AgentProcessManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- queries -----------------------------------------------------------------------------
-
-    def get(self, key: AgentKey) -> AgentProcess | None:
-        """A running agent (launched and not exited); agents still starting are not listed."""
-        return self._procs.get(key)
-
-    def list(self) -> list[AgentProcess]:
-        return list(self._procs.values())
-
-    def __len__(self) -> int:
-        """Agents this host is committed to: running plus still starting (what capacity limits)."""
-        return len(self._procs) + len(self._launching)
+    def live(self) -> list[AgentProcess]:
+        """Processes started here that have not exited (for the last-resort kill and for tests)."""
+        return list(self._live)
 
     # -- launch ------------------------------------------------------------------------------
 
-    async def launch(self, request: LaunchRequest) -> AgentProcess:
+    async def launch(self, request: LaunchRequest, deadline: tuple[float, float]) -> AgentProcess:
         """Starts an agent and returns once it is built and subscribed.
 
-        Raises AgentAlreadyExistsError, HostFullError, InvalidSpecError, AgentLaunchError,
-        LaunchTimeoutError (the child is killed first) or HostUnavailableError (closing).
+        ``deadline`` is the first (stop_at, kill_at) the process enforces on itself (fence.py).
+        Raises InvalidSpecError, ForbiddenModuleError, AgentLaunchError, LaunchTimeoutError (the
+        child is killed first) or HostUnavailableError (closing). Cancellation kills the child.
         """
         key = request.key
         if not key.guild_id or not key.agent_id:
             raise InvalidSpecError("a launch request needs both a guild id and an agent id")
         if self._closing or not self._started:
             raise HostUnavailableError("the process manager is not running (not started, or closing)")
-        if key in self._procs or key in self._launching:
-            raise AgentAlreadyExistsError(f"agent {key} is already running or starting on this host")
-        if len(self) >= self.capacity:
-            raise HostFullError(f"this host is full ({self.capacity} agents)")
-        # Reserved before the first await: a concurrent launch of the same key fails above.
-        self._launching[key] = None
+        self._launches += 1
         self._no_launches.clear()
         try:
-            return await self._launch(key, request)
+            return await self._launch(key, request, deadline)
         finally:
-            self._launching.pop(key, None)
-            if not self._launching:
+            self._launches -= 1
+            if not self._launches:
                 self._no_launches.set()
 
-    async def _launch(self, key: AgentKey, request: LaunchRequest) -> AgentProcess:
+    async def _launch(self, key: AgentKey, request: LaunchRequest, deadline: tuple[float, float]) -> AgentProcess:
         began = time.monotonic()
         proc: AgentProcess | None = None
         try:
             async with asyncio.timeout(self.launch_timeout_s):
-                spawned = await self.launcher.spawn(request)
+                spawned = await self.launcher.spawn(request, deadline)
                 proc = self._adopt(key, request, spawned)
                 if self._closing:
                     raise HostUnavailableError(f"the host is shutting down; agent {key} was not started")
@@ -218,8 +228,7 @@ class AgentProcessManager:
                     raise AgentLaunchError(self._failure(proc, f"exited with code {proc.exit_code} right after ready"))
         except TimeoutError:
             if proc is not None:
-                proc._launched.set_result(False)
-                await self._kill(proc)
+                await proc._kill_and_wait()
             log.warning("agent %s did not report ready within %.1f s; killed", key, self.launch_timeout_s)
             which = f"agent {key}" + (f" (pid {proc.pid}, killed)" if proc is not None else "")
             raise LaunchTimeoutError(
@@ -227,15 +236,11 @@ class AgentProcessManager:
             ) from None
         except BaseException as exc:
             if proc is not None:
-                proc._launched.set_result(False)
-                await self._kill(proc)
+                await proc._kill_and_wait()
             if self._closing and isinstance(exc, AgentLaunchError):  # killed by close(), not by its own fault
                 raise HostUnavailableError(f"the host is shutting down; agent {key} was not started") from exc
             raise
-        # No await between here and the return: the table and the outcome change together.
         proc.launch_s = time.monotonic() - began
-        self._procs[key] = proc
-        proc._launched.set_result(True)
         self.launcher.agent_ready(request)
         log.info("agent %s ready, pid %d (%s, %.2f s)", key, proc.pid, proc._spawned.info.get("mode"), proc.launch_s)
         return proc
@@ -243,7 +248,8 @@ class AgentProcessManager:
     def _adopt(self, key: AgentKey, request: LaunchRequest, spawned: SpawnedProcess) -> AgentProcess:
         note_pid(spawned.pid)  # log lines about this agent carry its pid from here on (base/logfields.py)
         proc = AgentProcess(key, request, spawned, OutputBuffer(self.output_lines))
-        self._launching[key] = proc
+        proc._grace_s = self.stop_grace_s
+        self._live.add(proc)
         pump = self._spawn_task(proc.output.pump(spawned.output), f"agent-output:{key}")
         self._spawn_task(self._watch(proc, pump), f"agent-exit:{key}")
         return proc
@@ -297,68 +303,12 @@ class AgentProcessManager:
         spawned = proc._spawned
         code = await spawned.wait()
         proc.exit_code = code
-        if self._procs.get(proc.key) is proc:
-            del self._procs[proc.key]
+        self._live.discard(proc)
         # The output pipe reaches end of file when the child is gone; wait briefly for the
         # last lines so a crash report carries them.
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(pump), OUTPUT_DRAIN_S)
         spawned.close()
         proc._exited.set()
-        launched = await proc._launched
-        if not launched:
-            return
-        if proc.stopping:
-            log.info("agent %s (pid %d) exited with code %d", proc.key, proc.pid, code)
-            return
-        log.warning("agent %s (pid %d) exited unexpectedly with code %d", proc.key, proc.pid, code)
-        if self._on_exit is not None:
-            try:
-                await self._on_exit(proc)
-            except Exception:
-                log.exception("on_exit failed for agent %s", proc.key)
-
-    # -- stop --------------------------------------------------------------------------------
-
-    async def stop(self, key: AgentKey, grace_s: float | None = None) -> AgentProcess:
-        """SIGTERM, up to ``grace_s`` (default stop_grace_s) to exit, then SIGKILL; returns the exited handle."""
-        proc = self._procs.get(key)
-        if proc is None:
-            raise AgentNotFoundError(f"agent {key} is not running on this host")
-        await self._stop(proc, self.stop_grace_s if grace_s is None else grace_s)
-        return proc
-
-    def kill(self, key: AgentKey) -> AgentProcess:
-        """SIGKILLs a running agent's process group *as a crash* (e.g. over its memory limit).
-
-        Unlike ``stop()`` the agent is not marked as stopping, so its exit is reported
-        through ``on_exit`` like any other unexpected exit (restarted or failed by policy).
-        """
-        proc = self._procs.get(key)
-        if proc is None:
-            raise AgentNotFoundError(f"agent {key} is not running on this host")
-        proc._spawned.send_signal(signal.SIGKILL, group=True)
-        return proc
-
-    async def _stop(self, proc: AgentProcess, grace_s: float) -> None:
-        proc.stopping = True
-        if proc._stop_task is None:  # a second stop of the same agent joins the first
-            proc._stop_task = asyncio.create_task(self._terminate(proc, grace_s), name=f"agent-stop:{proc.key}")
-        await asyncio.shield(proc._stop_task)
-
-    async def _terminate(self, proc: AgentProcess, grace_s: float) -> None:
-        if proc._exited.is_set():
-            return
-        proc._spawned.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace_s)
-            return
-        except TimeoutError:
-            log.warning("agent %s (pid %d) did not stop within %.1f s; sending SIGKILL", proc.key, proc.pid, grace_s)
-        await self._kill(proc)
-
-    async def _kill(self, proc: AgentProcess) -> None:
-        proc.stopping = True
-        proc._spawned.send_signal(signal.SIGKILL, group=True)
-        # Shielded so that a cancelled launch still leaves no process behind when it re-raises.
-        await asyncio.shield(proc.wait())
+        log.log(logging.INFO if proc.stopping else logging.WARNING, "agent %s (pid %d) exited with code %d%s",
+                proc.key, proc.pid, code, "" if proc.stopping else " (not asked to)")

@@ -40,7 +40,7 @@ from .control import (
     PARENT_PID_ENV,
     PRELOAD_ENV,
 )
-from .launcher import Launcher, PidHandle, SpawnedProcess, child_environment, read_pipe
+from .launcher import Launcher, PidHandle, SpawnedProcess, child_environment, lease_pipe, read_pipe
 from .output import OutputBuffer
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,9 @@ class _ForkServer:
 class WarmProcess(SpawnedProcess):
     def __init__(self, pid: int, pidfd: int | None, exit_code: asyncio.Future[int], server_pid: int,
                  output: asyncio.StreamReader, control: asyncio.StreamReader,
-                 transports: list[asyncio.BaseTransport]) -> None:
+                 transports: list[asyncio.BaseTransport], lease_w: int) -> None:
         self.pid = pid
+        self._lease_w = lease_w
         self.output = output
         self.control = control
         self.info = {"mode": "warm", "forkserver_pid": server_pid}
@@ -284,6 +285,7 @@ class WarmProcess(SpawnedProcess):
 
     def close(self) -> None:
         self.close_control()
+        self.close_lease()
         self._output_transport.close()
         if self._pid.fd is not None and not self._exit_seen.is_set():
             self._loop.remove_reader(self._pid.fd)
@@ -387,18 +389,18 @@ class ForkServerLauncher(Launcher):
                  len(hello.get("preloaded", [])), hello.get("preload_s", 0.0))
         return server
 
-    async def spawn(self, request: LaunchRequest) -> SpawnedProcess:
+    async def spawn(self, request: LaunchRequest, deadline: tuple[float, float]) -> SpawnedProcess:
         data = request.model_dump_json().encode()
         server = await self._ensure_server()
         try:
-            return await self._spawn_on(server, data)
+            return await self._spawn_on(server, data, deadline)
         except AgentLaunchError:
             # A server that died a moment ago may not have been noticed yet when this launch
             # began; that is no fault of the request, so it gets one more try on a new server.
             if not server.lost.is_set() or self._closed:
                 raise
             log.warning("fork server %d died during a launch; retrying on a new one", server.pid)
-            return await self._spawn_on(await self._ensure_server(), data)
+            return await self._spawn_on(await self._ensure_server(), data, deadline)
 
     def agent_ready(self, request: LaunchRequest) -> None:
         """The next fork of this agent class should not pay for importing its module again.
@@ -418,7 +420,7 @@ class ForkServerLauncher(Launcher):
         with contextlib.suppress(OSError):
             await server.learn(module)
 
-    async def _spawn_on(self, server: _ForkServer, data: bytes) -> SpawnedProcess:
+    async def _spawn_on(self, server: _ForkServer, data: bytes, deadline: tuple[float, float]) -> SpawnedProcess:
         loop = asyncio.get_running_loop()
         cleanup: list[Callable[[], None]] = []
         child_ends: list[int] = []
@@ -434,6 +436,9 @@ class ForkServerLauncher(Launcher):
             child_ends.append(ctl_w)
             control, control_transport = await read_pipe(ctl_r)
             cleanup.append(control_transport.close)
+            lease_r, lease_w = lease_pipe(deadline)
+            child_ends.append(lease_r)
+            cleanup.append(lambda: os.close(lease_w))
             stdin_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(stdin_w, "wb", buffering=0))
             cleanup[0] = stdin_transport.close
             assert len(child_ends) == FDS_PER_FORK
@@ -450,4 +455,5 @@ class ForkServerLauncher(Launcher):
         # Buffered by the transport, written as the child reads, then end of file; no await.
         stdin_transport.write(data)  # type: ignore[attr-defined]
         stdin_transport.close()
-        return WarmProcess(pid, pidfd, exit_code, server.pid, output, control, [output_transport, control_transport])
+        return WarmProcess(pid, pidfd, exit_code, server.pid, output, control, [output_transport, control_transport],
+                           lease_w)

@@ -111,6 +111,11 @@ class HostClient:
         reply = await self._call("Health", pb.HealthRequest(), timeout or self._call_timeout_s)
         return convert.host_from_pb(reply)
 
+    async def request_hold(self, requester: str, timeout: float) -> float:
+        """Asks this host for a hold (see HealthRequest.hold_for); seconds granted, 0 if refused."""
+        reply = await self._call("Health", pb.HealthRequest(hold_for=requester), timeout)
+        return max(0.0, float(reply.hold_granted_s))
+
 
 class ChannelPool:
     """One reused grpc.aio channel per host address."""

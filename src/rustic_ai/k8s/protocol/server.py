@@ -55,6 +55,7 @@ class HostApi(Protocol):
     async def agent_info(self, key: AgentKey, output_lines: int) -> AgentRecord: ...
     async def list_agents(self, guild_id: str) -> list[AgentRecord]: ...
     def health(self) -> HostRecord: ...
+    async def grant_hold(self, requester: str) -> float: ...
 
 
 class _Servicer(pb_grpc.AgentHostServiceServicer):
@@ -138,7 +139,14 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
+        granted = 0.0
+        if request.hold_for:
+            try:
+                granted = await self.api.grant_hold(request.hold_for)
+            except Exception:  # noqa: BLE001 - no grant is the safe answer
+                log.exception("grant_hold failed")
         reply = convert.host_to_pb(self.api.health())
+        reply.hold_granted_s = granted
         self._observe("Health", grpc.StatusCode.OK, started)
         return reply
 
@@ -171,7 +179,7 @@ class GrpcHostServer:
         self.port = 0
         self.health_port = 0
 
-    async def start(self) -> int:
+    async def start(self, *, serving: bool = True) -> int:
         """Binds and starts serving; returns the bound port (useful with port 0)."""
         if self._server is not None:
             return self.port
@@ -201,7 +209,8 @@ class GrpcHostServer:
             self._health_server = health_server
         await server.start()
         self._server = server
-        await self.set_serving(True)
+        # A host starts NOT_SERVING and says SERVING once it is registered and can take agents.
+        await self.set_serving(serving)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

@@ -4,6 +4,8 @@ Layout (``p`` is the fleet's key prefix, ids are percent-encoded so ``:`` in an 
 cannot make two keys collide):
 
     p:hosts                      SET   advertised addresses of hosts that registered
+    p:hosts:meta                 HASH  "addr|since" -> first registration, "addr|renewed" -> "ms hold_ms"
+                                       (Redis clock; read by the reaper, see scripts.REAP_HOSTS)
     p:host:{addr}                HASH  HostRecord; TTL = host lease
     p:host:{addr}:agents         SET   "guild\\x1fagent" members placed on that host (load = SCARD)
     p:agent:{guild}:{agent}      HASH  AgentRecord with the full AgentSpec JSON; TTL = agent TTL
@@ -35,6 +37,10 @@ class Keys:
     @property
     def hosts(self) -> str:
         return f"{self.prefix}:hosts"
+
+    @property
+    def hosts_meta(self) -> str:
+        return f"{self.prefix}:hosts:meta"
 
     def host(self, address: str) -> str:
         return f"{self.prefix}:host:{_enc(address)}"

@@ -39,6 +39,8 @@ class HeartbeatResult:
     lost: list[AgentKey]  # another host owns them now: stop our copy
     host_was_missing: bool  # our own entry had gone (lease expired or Redis restarted empty)
     drain_requested: str = ""  # an operator asked this host to drain (`rustic-k8s drain`)
+    peers: tuple[str, ...] = ()  # other hosts whose lease is current
+    redis_ms: int = 0  # Redis's own clock when it renewed the lease (ms since the epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,21 +236,28 @@ class LocationRegistry:
         async with self._guard("update_agent"):
             return bool(await self._update(keys=[self.keys.agent(key)], args=[host, *flat]))
 
-    async def remove_agent(self, key: AgentKey, host: str = "") -> bool:
-        """Deletes an agent's entry, unless another host than ``host`` owns it now."""
+    async def remove_agent(self, key: AgentKey, host: str = "", *, pid: int = 0) -> bool:
+        """Deletes an agent's entry, unless another host than ``host`` owns it now, or (``pid`` given)
+        the entry is of another process of the agent — a later launch that must not be removed."""
         k = self.keys
         async with self._guard("remove_agent"):
             return bool(
                 await self._remove(
                     keys=[k.agent(key), k.guild_agents(key.guild_id), k.host_agents(host)],
-                    args=[k.member(key), key.agent_id, host],
+                    args=[k.member(key), key.agent_id, host, str(pid or "")],
                 )
             )
 
     # -- hosts -----------------------------------------------------------------------------
 
-    async def heartbeat(self, host: HostRecord, agents: Iterable[AgentKey]) -> HeartbeatResult:
-        """Renews the host's lease and all its agents' TTLs in one round trip."""
+    async def heartbeat(self, host: HostRecord, agents: Iterable[AgentKey], *, hold_max_s: float = 0.0
+                        ) -> HeartbeatResult:
+        """Renews the host's lease and all its agents' TTLs in one round trip.
+
+        ``hold_max_s``: the longest this host keeps agents running through an outage after
+        this renewal (host/lease.py); recorded so a reaper that this host never heard of
+        waits at least that long (REAP_HOSTS).
+        """
         k = self.keys
         agent_list = list(agents)
         fields = {
@@ -263,16 +272,19 @@ class LocationRegistry:
         }
         flat = [item for pair in fields.items() for item in pair]
         async with self._guard("heartbeat"):
-            missing, lost, existed, drain = await self._heartbeat(
-                keys=[k.host(host.address), k.hosts, k.host_agents(host.address), *(k.agent(a) for a in agent_list)],
-                args=[self.host_ttl_ms, self.agent_ttl_ms, host.address, len(fields), *flat,
-                      *(k.member(a) for a in agent_list)],
+            missing, lost, existed, drain, peers, redis_ms = await self._heartbeat(
+                keys=[k.host(host.address), k.hosts, k.host_agents(host.address), k.hosts_meta,
+                      *(k.agent(a) for a in agent_list)],
+                args=[self.host_ttl_ms, self.agent_ttl_ms, host.address, len(fields), int(hold_max_s * 1000),
+                      f"{k.prefix}:host:", *flat, *(k.member(a) for a in agent_list)],
             )
         return HeartbeatResult(
             missing=[agent_list[i - 1] for i in missing],
             lost=[agent_list[i - 1] for i in lost],
             host_was_missing=not existed,
             drain_requested=drain or "",
+            peers=tuple(sorted(peers)),
+            redis_ms=int(redis_ms),
         )
 
     async def remove_host(self, address: str) -> None:

@@ -39,13 +39,19 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
-# KEYS: agent hash, guild set, host-agents set; ARGV: member, agent id, host ("" = any owner)
-# Removes the agent unless another host owns it now. Returns 1 if removed.
+# KEYS: agent hash, guild set, host-agents set; ARGV: member, agent id, host ("" = any owner),
+# pid ("" or "0" = any)
+# Removes the agent unless another host owns it now, or (with a pid) a later process of
+# the same agent on this host does. Returns 1 if removed.
 REMOVE_AGENT = """
 local owner = redis.call('HGET', KEYS[1], 'host')
 if owner and ARGV[3] ~= '' and owner ~= ARGV[3] then
   redis.call('SREM', KEYS[3], ARGV[1])
   return 0
+end
+if ARGV[4] and ARGV[4] ~= '' and ARGV[4] ~= '0' then
+  local pid = redis.call('HGET', KEYS[1], 'pid')
+  if pid and pid ~= '0' and pid ~= ARGV[4] then return 0 end
 end
 local owner_set = redis.call('HGET', KEYS[1], 'host_set')
 if owner_set then redis.call('SREM', owner_set, ARGV[1]) end
@@ -55,25 +61,35 @@ redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 
-# KEYS: host hash, hosts set, host-agents set, agent hash 1..n
-# ARGV: host ttl ms, agent ttl ms, address, n field pairs, field, value, ..., member 1..n
+# KEYS: host hash, hosts set, host-agents set, hosts meta hash, agent hash 1..n
+# ARGV: host ttl ms, agent ttl ms, address, n field pairs, hold max ms, host key prefix,
+#       field, value, ..., member 1..n
 # Renews the host lease and every agent the host runs in one round trip. Returns
-# {missing indexes, lost indexes, host_was_missing}: missing = entry gone (expired or
-# Redis restarted: re-register it), lost = another host owns it now (stop our copy);
-# drain = the reason an operator asked this host to drain, or empty.
+# {missing indexes, lost indexes, host_was_missing, drain, live peers, redis ms}:
+# missing = entry gone (expired or Redis restarted: re-register it), lost = another host
+# owns it now (stop our copy); drain = the reason an operator asked this host to drain, or
+# empty; live peers = addresses of the other hosts whose lease exists (who to ask for a
+# hold in an outage); redis ms = this server's clock.
+# The meta hash keeps, per host, when it first registered ("addr|since") and when it last
+# renewed with which hold limit ("addr|renewed" = "ms hold_ms"), on Redis's own clock: the
+# reaper uses both (REAP_HOSTS) to tell whether a dead host could have known about it.
 HEARTBEAT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local host_existed = redis.call('EXISTS', KEYS[1])
 local npairs = tonumber(ARGV[4])
 local fields = {}
-for i = 1, npairs * 2 do fields[i] = ARGV[4 + i] end
+for i = 1, npairs * 2 do fields[i] = ARGV[6 + i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('HSETNX', KEYS[4], ARGV[3] .. '|since', now_ms)
+redis.call('HSET', KEYS[4], ARGV[3] .. '|renewed', now_ms .. ' ' .. ARGV[5])
 local missing, lost = {}, {}
-local first_member = 5 + npairs * 2
-for i = 4, #KEYS do
+local first_member = 7 + npairs * 2
+for i = 5, #KEYS do
   local owner = redis.call('HGET', KEYS[i], 'host')
-  local idx = i - 3
+  local idx = i - 4
   if not owner then
     table.insert(missing, idx)
   elseif owner ~= ARGV[3] then
@@ -83,8 +99,15 @@ for i = 4, #KEYS do
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
   end
 end
+local peers = {}
+for _, addr in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if addr ~= ARGV[3] then
+    local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
+    if redis.call('EXISTS', ARGV[6] .. enc) == 1 then table.insert(peers, addr) end
+  end
+end
 local drain = redis.call('HGET', KEYS[1], 'drain_requested') or ''
-return {missing, lost, host_existed, drain}
+return {missing, lost, host_existed, drain, peers, tostring(now_ms)}
 """
 
 # KEYS: guild set; ARGV: agent key prefix (encoded guild)

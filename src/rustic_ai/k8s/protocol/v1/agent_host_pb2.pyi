@@ -132,11 +132,13 @@ class AgentInfo(_message.Message):
     def __init__(self, guild_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., class_name: _Optional[str] = ..., agent_spec_json: _Optional[bytes] = ..., host_address: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[AgentState, str]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., started_at: _Optional[float] = ..., restarts: _Optional[int] = ..., reason: _Optional[str] = ..., output: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("hold_for",)
+    HOLD_FOR_FIELD_NUMBER: _ClassVar[int]
+    hold_for: str
+    def __init__(self, hold_for: _Optional[str] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("host_name", "address", "agents_running", "capacity", "state", "version", "started_at")
+    __slots__ = ("host_name", "address", "agents_running", "capacity", "state", "version", "started_at", "hold_granted_s")
     HOST_NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class HealthResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    HOLD_GRANTED_S_FIELD_NUMBER: _ClassVar[int]
     host_name: str
     address: str
     agents_running: int
@@ -151,4 +154,5 @@ class HealthResponse(_message.Message):
     state: HostState
     version: str
     started_at: float
-    def __init__(self, host_name: _Optional[str] = ..., address: _Optional[str] = ..., agents_running: _Optional[int] = ..., capacity: _Optional[int] = ..., state: _Optional[_Union[HostState, str]] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ...) -> None: ...
+    hold_granted_s: float
+    def __init__(self, host_name: _Optional[str] = ..., address: _Optional[str] = ..., agents_running: _Optional[int] = ..., capacity: _Optional[int] = ..., state: _Optional[_Union[HostState, str]] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., hold_granted_s: _Optional[float] = ...) -> None: ...
