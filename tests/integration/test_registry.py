@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from rustic_ai.k8s.base.errors import RegistryUnavailableError
-from rustic_ai.k8s.base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState
+from rustic_ai.k8s.base.models import AgentKey, AgentState, HostState
 from rustic_ai.k8s.registry import LocationRegistry
 from support.eventually import eventually
+from support.registry_records import beat, rec
 
 
 @pytest.fixture
@@ -24,16 +25,6 @@ def key_prefix() -> str:
 async def registry(redis_url, key_prefix):
     async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, lease_s=60) as reg:
         yield reg
-
-
-def rec(guild: str, agent: str, host: str, **kw) -> AgentRecord:
-    spec = f'{{"id": "{agent}", "name": "{agent}-name", "class_name": "pkg.Cls"}}'
-    return AgentRecord(guild, agent, name=f"{agent}-name", class_name="pkg.Cls", spec_json=spec, host=host,
-                       state=kw.pop("state", AgentState.RUNNING), **kw)
-
-
-async def beat(registry, address, agents=(), capacity=10, state=HostState.SERVING):
-    return await registry.heartbeat(HostRecord(address, capacity=capacity, state=state), list(agents))
 
 
 async def test_same_agent_ids_in_two_guilds_coexist(registry):
