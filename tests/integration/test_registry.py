@@ -192,3 +192,4 @@ async def test_desired_state_is_restored_without_overwriting(registry):
     assert await registry.set_desired_if_missing(old)
     assert not await registry.set_desired_if_missing(new)
     assert (await registry.desired_request(AgentKey("g", "a"))).machine_id == 1
+

@@ -165,6 +165,9 @@ class LocationRegistry:
         self._list_hosts = r.register_script(scripts.LIST_HOSTS)
         self._is_running = r.register_script(scripts.IS_RUNNING)
         self._reap = r.register_script(scripts.REAP_HOSTS)
+        self._pop_orphans = r.register_script(scripts.POP_ORPHANS)
+        self._ack_orphans = r.register_script(scripts.ACK_ORPHANS)
+        self._remove_host = r.register_script(scripts.REMOVE_HOST)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -275,13 +278,17 @@ class LocationRegistry:
             drain_requested=drain or "",
         )
 
-    async def remove_host(self, address: str) -> None:
+    async def remove_host(self, address: str) -> int:
+        """Forgets a host (end of a drain). Orphans it popped and did not ack go back onto the
+        orphan queue in the same step; returns how many did."""
         k = self.keys
         async with self._guard("remove_host"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(k.host(address), k.host_agents(address))
-                pipe.srem(k.hosts, address)
-                await pipe.execute()
+            return int(
+                await self._remove_host(
+                    keys=[k.host(address), k.host_agents(address), k.hosts, k.host_adopting(address), k.orphans],
+                    args=[address],
+                )
+            )
 
     async def request_drain(self, address: str, reason: str = "requested by operator") -> bool:
         """Asks a live host to drain; it notices at its next lease renewal. False if no such host."""
@@ -381,24 +388,63 @@ class LocationRegistry:
     # -- orphans: agents to place again ------------------------------------------------------
 
     async def reap_dead_hosts(self, reaper: str) -> list[str]:
-        """Moves the agents of hosts whose lease expired onto the orphan queue; returns the hosts."""
+        """Moves the agents of hosts whose lease expired, and the orphans they had popped but
+        not acked, onto the orphan queue; returns the hosts reaped.
+
+        Never reaps ``reaper`` itself. Exactly one of many concurrent reapers
+        takes each dead host. A retried call after a lost reply answers ``[]`` for hosts the
+        lost attempt reaped: the list is for logging, the queue is what counts.
+        """
         async with self._guard("reap_dead_hosts"):
             return list(
-                await self._reap(keys=[self.keys.hosts, self.keys.orphans], args=[f"{self.keys.prefix}:host:", reaper])
+                await self._reap(keys=[self.keys.hosts, self.keys.orphans],
+                                 args=[f"{self.keys.prefix}:host:", reaper])
             )
 
     async def push_orphans(self, keys: Iterable[AgentKey]) -> None:
+        """Queues agents for any host to place again (appended to the tail)."""
         members = [Keys.member(k) for k in keys]
         if members:
             async with self._guard("push_orphans"):
                 await self.redis.rpush(self.keys.orphans, *members)
 
-    async def pop_orphans(self, count: int) -> list[AgentKey]:
-        if count <= 0:
-            return []
+    async def pop_orphans(self, count: int, host: str = "") -> list[AgentKey]:
+        """Orphans for ``host`` to adopt: at most ``count``, each to be acked with `ack_orphans`.
+
+        The reliable queue: members move from the orphan queue to ``host``'s adopting list in
+        one script, and every call returns that whole list — orphans popped before and not yet
+        acked included (a reply lost on the wire loses nothing; the client's own retry already
+        answers them). A smaller ``count`` than last time gives the surplus back to the head of
+        the queue, ``count <= 0`` gives everything back. If ``host`` dies or drains before
+        acking, the reaper or its `remove_host` puts them back. A host whose lease is gone
+        takes nothing. One caller per host, and it must ack (or hand back with
+        `push_orphans` + ack) what it got before it pops again.
+
+        Without ``host`` this is the old unreliable LPOP, kept for callers not switched yet: a
+        lost reply or a death before adopting loses the batch.
+        """
+        if not host:
+            if count <= 0:
+                return []
+            async with self._guard("pop_orphans"):
+                members = await self.redis.lpop(self.keys.orphans, count)
+            return [Keys.parse_member(m) for m in members or []]
+        k = self.keys
         async with self._guard("pop_orphans"):
-            members = await self.redis.lpop(self.keys.orphans, count)
-        return [Keys.parse_member(m) for m in members or []]
+            members = await self._pop_orphans(keys=[k.orphans, k.host_adopting(host), k.host(host)],
+                                              args=[max(count, 0)])
+        # The same agent can be queued twice (a drain and a reap racing): adopt it once.
+        return [Keys.parse_member(m) for m in dict.fromkeys(members)]
+
+    async def ack_orphans(self, keys: Iterable[AgentKey], host: str) -> int:
+        """Removes handled orphans from ``host``'s adopting list: adopted, no longer wanted,
+        already running elsewhere, or re-queued by the caller. Returns how many entries went;
+        members ``host`` did not pop are ignored. No keys: no round trip."""
+        members = [Keys.member(k) for k in keys]
+        if not members:
+            return 0
+        async with self._guard("ack_orphans"):
+            return int(await self._ack_orphans(keys=[self.keys.host_adopting(host)], args=members))
 
     async def desired(self, guild_id: str) -> dict[str, LaunchRequest]:
         async with self._guard("desired"):

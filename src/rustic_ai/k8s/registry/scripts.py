@@ -145,9 +145,10 @@ return redis.call('EXISTS', host_key)
 """
 
 # KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address
-# Finds hosts whose lease expired, moves the agents they owned onto the orphans queue and
-# forgets the host — atomically, so exactly one reaper takes each dead host's agents.
-# Returns the reaped addresses.
+# Finds hosts whose lease expired, moves the agents they owned and the orphans they had
+# taken but not acked (their adopting list, to the head of the queue: they waited longest)
+# onto the orphans queue and forgets the host — atomically, so exactly one reaper takes
+# each dead host's agents. Returns the reaped addresses.
 REAP_HOSTS = """
 local reaped = {}
 for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -156,10 +157,52 @@ for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if addr ~= ARGV[2] and redis.call('EXISTS', key) == 0 then
     local members = redis.call('SMEMBERS', key .. ':agents')
     for _, m in ipairs(members) do redis.call('RPUSH', KEYS[2], m) end
+    while redis.call('LMOVE', key .. ':adopting', KEYS[2], 'RIGHT', 'LEFT') do end
     redis.call('DEL', key .. ':agents')
     redis.call('SREM', KEYS[1], addr)
     table.insert(reaped, addr)
   end
 end
 return reaped
+"""
+
+# KEYS: orphans list, this host's adopting list, this host's hash; ARGV: count
+# The reliable pop: tops the host's adopting list up to ``count`` members taken from the
+# head of the queue (or, when count shrank, gives the surplus back to the head), then
+# returns the whole adopting list. Members stay there until acked, so a reply lost on the
+# wire costs nothing: the next call (or the client's retry) returns them again. A host
+# without a current lease takes nothing: the reaper may already have given its list back,
+# and nobody would give back what it took next.
+POP_ORPHANS = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return {} end
+local want = math.max(tonumber(ARGV[1]), 0)
+local have = redis.call('LLEN', KEYS[2])
+while have > want do
+  redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
+  have = have - 1
+end
+while have < want and redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do
+  have = have + 1
+end
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+
+# KEYS: this host's adopting list; ARGV: member...
+# Drops handled orphans (adopted, found unwanted, or re-queued by the caller). Returns how
+# many entries were removed.
+ACK_ORPHANS = """
+local n = 0
+for i = 1, #ARGV do n = n + redis.call('LREM', KEYS[1], 0, ARGV[i]) end
+return n
+"""
+
+# KEYS: host hash, host-agents set, hosts set, host's adopting list, orphans list; ARGV: address
+# Forgets a host (drain done). Orphans it took and did not ack go back to the head of the
+# queue in the same step, so a host that drains mid-adoption loses none. Returns how many.
+REMOVE_HOST = """
+local n = 0
+while redis.call('LMOVE', KEYS[4], KEYS[5], 'RIGHT', 'LEFT') do n = n + 1 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return n
 """

@@ -1,0 +1,160 @@
+"""The registry when things break between two steps: lost replies, hosts that die mid-way,
+stops that race adoptions. Each test names what would be lost or resurrected without the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from rustic_ai.k8s.base.errors import RegistryUnavailableError
+from rustic_ai.k8s.base.models import AgentKey
+from rustic_ai.k8s.registry import LocationRegistry
+from support.proxy import CuttableProxy
+from support.registry_records import beat
+
+A, B, C = (AgentKey("g", x) for x in "abc")
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """These tests look at the fleet-wide orphan queue: each gets its own namespace."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def registry(redis_url, key_prefix):
+    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, lease_s=60) as reg:
+        for host in ("h1:1", "h2:1", "other:1", "warm:1"):  # only a host with a lease may adopt
+            await beat(reg, host)
+        yield reg
+
+
+@pytest.fixture
+def proxy(redis_server):
+    p = CuttableProxy(redis_server.port).start()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+async def proxied(proxy, key_prefix):
+    """A registry whose replies the test can lose on the wire (same Redis, same namespace)."""
+    async with LocationRegistry(f"redis://127.0.0.1:{proxy.port}/0", key_prefix, agent_ttl_s=60, lease_s=60,
+                                socket_timeout_s=2) as reg:
+        await reg.ping()  # connected and handshaken: the next reply lost is the command's own
+        yield reg
+
+
+async def _queue(reg) -> list[AgentKey]:
+    from rustic_ai.k8s.registry import Keys
+
+    return [Keys.parse_member(m) for m in await reg.redis.lrange(reg.keys.orphans, 0, -1)]
+
+
+async def _adopting(reg, host) -> list[AgentKey]:
+    from rustic_ai.k8s.registry import Keys
+
+    return [Keys.parse_member(m) for m in await reg.redis.lrange(reg.keys.host_adopting(host), 0, -1)]
+
+
+# -- the orphan queue never loses an agent ----------------------------------------------------
+
+
+async def test_a_pop_whose_reply_is_lost_still_hands_over_the_batch(registry, proxied, proxy):
+    await registry.push_orphans([A, B])
+    await registry.pop_orphans(0, "warm:1")  # loads the script, so the lost reply is the pop's own
+    proxy.lose_next_reply()
+    # The pop ran in Redis, its reply was dropped, the client retried on a new connection:
+    # the retry must return what the first attempt moved, not an empty queue.
+    assert sorted(await proxied.pop_orphans(10, "h1:1")) == [A, B]
+    assert proxy.replies_lost == 1
+
+
+async def test_a_pop_that_failed_outright_returns_its_batch_on_the_next_call(registry, proxied, proxy):
+    await registry.push_orphans([A, B])
+    await registry.pop_orphans(0, "warm:1")
+    proxy.lose_next_reply(times=10)  # more than the client's retries: the call fails
+    with pytest.raises(RegistryUnavailableError, match="pop_orphans"):
+        await proxied.pop_orphans(10, "h1:1")
+    assert sorted(await registry.pop_orphans(10, "h1:1")) == [A, B]
+
+
+async def test_orphans_of_a_host_that_dies_before_adopting_go_back_to_the_queue(registry):
+    await beat(registry, "adopter:1")
+    await registry.push_orphans([A, B])
+    assert sorted(await registry.pop_orphans(10, "adopter:1")) == [A, B]
+    await registry.redis.delete(registry.keys.host("adopter:1"))  # dies, its lease lapses, no ack
+    assert await registry.reap_dead_hosts("other:1") == ["adopter:1"]
+    assert sorted(await registry.pop_orphans(10, "other:1")) == [A, B]
+    assert await _adopting(registry, "adopter:1") == []
+
+
+async def test_a_draining_hosts_unfinished_adoptions_go_back_to_the_queue(registry):
+    await beat(registry, "drains:1")
+    await registry.push_orphans([A, B])
+    await registry.pop_orphans(10, "drains:1")
+    await registry.ack_orphans([A], "drains:1")  # adopted A, then drains before B
+    assert await registry.remove_host("drains:1") == 1
+    assert await registry.pop_orphans(10, "other:1") == [B]
+
+
+async def test_acked_orphans_are_not_returned_again_unacked_ones_are(registry):
+    await registry.push_orphans([A, B])
+    assert sorted(await registry.pop_orphans(10, "h1:1")) == [A, B]
+    assert await registry.ack_orphans([A], "h1:1") == 1
+    assert await registry.pop_orphans(10, "h1:1") == [B]
+    await registry.ack_orphans([B], "h1:1")
+    assert await registry.pop_orphans(10, "h1:1") == []
+
+
+async def test_pop_returns_at_most_count_and_a_smaller_count_gives_the_rest_back(registry):
+    await registry.push_orphans([A, B, C])
+    assert await registry.pop_orphans(2, "h1:1") == [A, B]
+    assert await registry.pop_orphans(2, "h1:1") == [A, B]  # not acked: the same two, nothing more
+    assert await registry.pop_orphans(1, "h1:1") == [A]  # room shrank: B goes back, first in line
+    assert await _queue(registry) == [B, C]
+    assert await registry.pop_orphans(0, "h1:1") == []  # full: everything goes back
+    assert await _queue(registry) == [A, B, C]
+
+
+async def test_concurrent_pops_by_many_hosts_hand_each_orphan_to_one_host(registry):
+    agents = [AgentKey("g", f"a{i}") for i in range(40)]
+    await registry.push_orphans(agents)
+    for i in range(10):
+        await beat(registry, f"h{i}:1")
+    batches = await asyncio.gather(*(registry.pop_orphans(5, f"h{i}:1") for i in range(10)))
+    popped = [k for batch in batches for k in batch]
+    assert sorted(popped) == sorted(agents) and len(popped) == len(set(popped))
+
+
+async def test_an_empty_queue_pops_nothing(registry):
+    assert await registry.pop_orphans(10, "h1:1") == []
+    assert await registry.pop_orphans(0, "h1:1") == []
+    assert await registry.pop_orphans(-1, "h1:1") == []
+    assert await registry.ack_orphans([], "h1:1") == 0
+
+
+async def test_ack_touches_only_the_named_hosts_adoptions(registry):
+    await registry.push_orphans([A])
+    await registry.pop_orphans(10, "h1:1")
+    assert await registry.ack_orphans([A], "h2:1") == 0  # not h2's
+    assert await registry.ack_orphans([B], "h1:1") == 0  # never popped
+    assert await _adopting(registry, "h1:1") == [A]
+
+
+async def test_a_host_whose_lease_is_gone_takes_no_orphans(registry):
+    # Once reaped nobody would give back what it took; it may adopt again after renewing.
+    await registry.push_orphans([A])
+    assert await registry.pop_orphans(10, "lapsed:1") == []
+    assert await _queue(registry) == [A]
+    await beat(registry, "lapsed:1")
+    assert await registry.pop_orphans(10, "lapsed:1") == [A]
+
+
+async def test_pop_without_a_host_still_works_for_old_callers(registry):
+    await registry.push_orphans([A, B])
+    assert await registry.pop_orphans(1) == [A]
+    assert await registry.pop_orphans(10) == [B]
