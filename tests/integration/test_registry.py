@@ -193,3 +193,17 @@ async def test_desired_state_is_restored_without_overwriting(registry):
     assert not await registry.set_desired_if_missing(new)
     assert (await registry.desired_request(AgentKey("g", "a"))).machine_id == 1
 
+
+async def test_setting_the_state_of_a_host_whose_lease_lapsed_does_not_revive_it(registry):
+    # A lease hash re-created without a TTL would make a dead host look alive forever:
+    # never reaped, its agents counted as running.
+    await beat(registry, "h1:1")
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    await registry.redis.delete(registry.keys.host("h1:1"))  # its lease lapses
+    assert not await registry.set_host_state("h1:1", HostState.DRAINING)  # a late call of its drain
+    assert not await registry.is_agent_running(AgentKey("g", "a"))
+    assert await registry.reap_dead_hosts("other:1") == ["h1:1"]
+    await beat(registry, "h2:1")
+    assert await registry.set_host_state("h2:1", HostState.DRAINING)
+    [h] = await registry.list_hosts()
+    assert h.state == HostState.DRAINING

@@ -168,6 +168,7 @@ class LocationRegistry:
         self._pop_orphans = r.register_script(scripts.POP_ORPHANS)
         self._ack_orphans = r.register_script(scripts.ACK_ORPHANS)
         self._remove_host = r.register_script(scripts.REMOVE_HOST)
+        self._set_host_state = r.register_script(scripts.SET_HOST_STATE)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -302,9 +303,10 @@ class LocationRegistry:
                 await self.redis.delete(key)  # HSETNX created a stray hash: no such host
         return bool(exists)
 
-    async def set_host_state(self, address: str, state: HostState) -> None:
+    async def set_host_state(self, address: str, state: HostState) -> bool:
+        """Records a live host's state; False (and nothing written) if its lease is gone."""
         async with self._guard("set_host_state"):
-            await self.redis.hset(self.keys.host(address), "state", str(state))
+            return bool(await self._set_host_state(keys=[self.keys.host(address)], args=[str(state)]))
 
     async def list_hosts(self) -> list[HostRecord]:
         """Hosts whose lease is current, with their load read from their agent sets."""

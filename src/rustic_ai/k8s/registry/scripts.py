@@ -206,3 +206,11 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
 return n
 """
+
+# KEYS: host hash; ARGV: state. Sets the state of a host that is still there; 0 if it is
+# gone (a plain HSET would create a lease hash without a TTL: a host alive forever).
+SET_HOST_STATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+return 1
+"""
