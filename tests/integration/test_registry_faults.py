@@ -13,7 +13,7 @@ from rustic_ai.k8s.base.errors import RegistryUnavailableError
 from rustic_ai.k8s.base.models import AgentKey
 from rustic_ai.k8s.registry import LocationRegistry
 from support.proxy import CuttableProxy
-from support.registry_records import beat
+from support.registry_records import beat, rec
 
 A, B, C = (AgentKey("g", x) for x in "abc")
 
@@ -158,3 +158,53 @@ async def test_pop_without_a_host_still_works_for_old_callers(registry):
     await registry.push_orphans([A, B])
     assert await registry.pop_orphans(1) == [A]
     assert await registry.pop_orphans(10) == [B]
+
+
+# -- reaping with a grace list; handing an agent off in one step ------------------------------
+
+
+async def test_a_spared_host_is_not_reaped_until_the_reaper_stops_sparing_it(registry):
+    await beat(registry, "slow:1")
+    await registry.claim_agent(rec("g", "a", "slow:1"))
+    await registry.redis.delete(registry.keys.host("slow:1"))  # lease lapsed, but it was promised time
+    assert await registry.reap_dead_hosts("other:1", spare=["slow:1"]) == []
+    assert await registry.reap_dead_hosts("other:1", spare="slow:1") == []  # one address, not its letters
+    assert await _queue(registry) == [] and await registry.host_agents("slow:1") == [A]
+    assert await registry.reap_dead_hosts("other:1", spare=("unrelated:1",)) == ["slow:1"]
+    assert await _queue(registry) == [A]
+
+
+async def test_the_reaper_still_never_reaps_itself_when_it_spares_others(registry):
+    await registry.redis.sadd(registry.keys.hosts, "me:1")  # listed, lease gone
+    assert await registry.reap_dead_hosts("me:1", spare=["x:1"]) == []
+
+
+async def test_hand_off_removes_the_agent_and_queues_it_in_one_step(registry):
+    await beat(registry, "drains:1")
+    await registry.claim_agent(rec("g", "a", "drains:1"))
+    assert await registry.hand_off_agent(A, "drains:1")
+    assert await registry.get_agent(A) is None and await registry.list_guild("g") == []
+    assert {h.address: h.agents for h in await registry.list_hosts()}["drains:1"] == 0
+    assert await registry.pop_orphans(10, "h1:1") == [A]
+
+
+async def test_hand_off_of_an_agent_another_host_owns_changes_nothing(registry):
+    await registry.claim_agent(rec("g", "a", "h2:1"))
+    assert not await registry.hand_off_agent(A, "h1:1")
+    assert (await registry.get_agent(A)).host == "h2:1" and await registry.is_agent_running(A)
+    assert await _queue(registry) == []
+
+
+async def test_hand_off_of_an_unknown_agent_queues_nothing(registry):
+    assert not await registry.hand_off_agent(A, "h1:1")
+    assert await _queue(registry) == []
+
+
+async def test_a_hand_off_whose_reply_is_lost_answers_true_and_queues_once(registry, proxied, proxy):
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    await registry.hand_off_agent(B, "h1:1")  # loads the script, so the lost reply is the hand-off's own
+    proxy.lose_next_reply()
+    # The first attempt removed and queued the agent; the client's retry finds it queued.
+    assert await proxied.hand_off_agent(A, "h1:1")
+    assert proxy.replies_lost == 1
+    assert await _queue(registry) == [A]

@@ -168,6 +168,7 @@ class LocationRegistry:
         self._pop_orphans = r.register_script(scripts.POP_ORPHANS)
         self._ack_orphans = r.register_script(scripts.ACK_ORPHANS)
         self._remove_host = r.register_script(scripts.REMOVE_HOST)
+        self._hand_off = r.register_script(scripts.HAND_OFF_AGENT)
         self._set_host_state = r.register_script(scripts.SET_HOST_STATE)
 
     async def close(self) -> None:
@@ -245,6 +246,23 @@ class LocationRegistry:
             return bool(
                 await self._remove(
                     keys=[k.agent(key), k.guild_agents(key.guild_id), k.host_agents(host)],
+                    args=[k.member(key), key.agent_id, host],
+                )
+            )
+
+    async def hand_off_agent(self, key: AgentKey, host: str) -> bool:
+        """Gives an agent ``host`` has stopped (drain) to the fleet: removes its entry and
+        memberships and queues it as an orphan, in one script, only while ``host`` owns it.
+
+        True: the agent is on the orphan queue (also when an earlier attempt whose reply was
+        lost did it: the client's retry answers the same). False: nothing changed — another
+        host owns it now, or there is no entry (never registered, expired, Redis restarted).
+        """
+        k = self.keys
+        async with self._guard("hand_off_agent"):
+            return bool(
+                await self._hand_off(
+                    keys=[k.agent(key), k.guild_agents(key.guild_id), k.host_agents(host), k.orphans],
                     args=[k.member(key), key.agent_id, host],
                 )
             )
@@ -389,18 +407,21 @@ class LocationRegistry:
 
     # -- orphans: agents to place again ------------------------------------------------------
 
-    async def reap_dead_hosts(self, reaper: str) -> list[str]:
+    async def reap_dead_hosts(self, reaper: str, spare: Iterable[str] = ()) -> list[str]:
         """Moves the agents of hosts whose lease expired, and the orphans they had popped but
         not acked, onto the orphan queue; returns the hosts reaped.
 
-        Never reaps ``reaper`` itself. Exactly one of many concurrent reapers
+        Never reaps ``reaper`` itself nor an address in ``spare`` (hosts the caller promised
+        a grace period; they are reaped by a later call that no longer spares them). Exactly
+        one of many concurrent reapers
         takes each dead host. A retried call after a lost reply answers ``[]`` for hosts the
         lost attempt reaped: the list is for logging, the queue is what counts.
         """
+        spared = [spare] if isinstance(spare, str) else list(spare)  # one address is not its characters
         async with self._guard("reap_dead_hosts"):
             return list(
                 await self._reap(keys=[self.keys.hosts, self.keys.orphans],
-                                 args=[f"{self.keys.prefix}:host:", reaper])
+                                 args=[f"{self.keys.prefix}:host:", reaper, *spared])
             )
 
     async def push_orphans(self, keys: Iterable[AgentKey]) -> None:

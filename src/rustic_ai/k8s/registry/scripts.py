@@ -144,17 +144,20 @@ if not host_key then return 0 end
 return redis.call('EXISTS', host_key)
 """
 
-# KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address
+# KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address, spared address...
 # Finds hosts whose lease expired, moves the agents they owned and the orphans they had
 # taken but not acked (their adopting list, to the head of the queue: they waited longest)
 # onto the orphans queue and forgets the host — atomically, so exactly one reaper takes
-# each dead host's agents. Returns the reaped addresses.
+# each dead host's agents. The reaper itself and spared addresses (hosts the caller
+# promised a grace period) are never reaped. Returns the reaped addresses.
 REAP_HOSTS = """
+local spared = {[ARGV[2]] = true}
+for i = 3, #ARGV do spared[ARGV[i]] = true end
 local reaped = {}
 for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
   local key = ARGV[1] .. enc
-  if addr ~= ARGV[2] and redis.call('EXISTS', key) == 0 then
+  if not spared[addr] and redis.call('EXISTS', key) == 0 then
     local members = redis.call('SMEMBERS', key .. ':agents')
     for _, m in ipairs(members) do redis.call('RPUSH', KEYS[2], m) end
     while redis.call('LMOVE', key .. ':adopting', KEYS[2], 'RIGHT', 'LEFT') do end
@@ -212,5 +215,28 @@ return n
 SET_HOST_STATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
+return 1
+"""
+
+# KEYS: agent hash, guild set, this host's agents set, orphans list; ARGV: member, agent id, host
+# A draining host hands an agent it stopped to the fleet: removes the entry and its
+# memberships and queues it as an orphan in one step, only while this host owns it — a
+# kill between "removed" and "queued" cannot lose the agent. Returns 1 if the agent is on
+# the queue: handed off now, or by an earlier attempt whose reply was lost (entry gone,
+# member queued), so the client's retry answers the same; 0 otherwise.
+HAND_OFF_AGENT = """
+local owner = redis.call('HGET', KEYS[1], 'host')
+if not owner then
+  if redis.call('LPOS', KEYS[4], ARGV[1]) then return 1 end
+  return 0
+end
+if owner ~= ARGV[3] then
+  redis.call('SREM', KEYS[3], ARGV[1])  -- not ours any more: drop our stale membership
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[1])
 return 1
 """
