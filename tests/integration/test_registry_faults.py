@@ -11,7 +11,7 @@ import pytest
 
 from rustic_ai.k8s.base.errors import RegistryUnavailableError
 from rustic_ai.k8s.base.models import AgentKey
-from rustic_ai.k8s.registry import LocationRegistry
+from rustic_ai.k8s.registry import ClaimResult, LocationRegistry
 from support.proxy import CuttableProxy
 from support.registry_records import beat, rec
 
@@ -208,3 +208,78 @@ async def test_a_hand_off_whose_reply_is_lost_answers_true_and_queues_once(regis
     assert await proxied.hand_off_agent(A, "h1:1")
     assert proxy.replies_lost == 1
     assert await _queue(registry) == [A]
+
+
+# -- a stop racing an adoption does not resurrect the agent -----------------------------------
+
+
+def _request(guild: str, agent: str):
+    from rustic_ai.k8s.base.models import LaunchRequest
+
+    return LaunchRequest(guild_spec={"id": guild}, agent_spec={"id": agent}, messaging_config={})
+
+
+async def test_a_claim_that_requires_desired_state_is_refused_once_it_is_cleared(registry):
+    await registry.set_desired(_request("g", "a"))
+    await registry.clear_desired(A)  # the engine stopped it
+    result = await registry.claim_agent(rec("g", "a", "h1:1"), require_desired=True)
+    assert result == ClaimResult(ok=False, owner="", reason="not desired")
+    assert await registry.get_agent(A) is None and await registry.list_guild("g") == []
+    assert {h.address: h.agents for h in await registry.list_hosts()}["h1:1"] == 0
+
+
+async def test_a_claim_that_requires_desired_state_succeeds_while_it_is_desired(registry):
+    await registry.set_desired(_request("g", "a"))
+    assert (await registry.claim_agent(rec("g", "a", "h1:1"), require_desired=True)).ok
+    assert await registry.is_agent_running(A)
+
+
+async def test_desired_state_is_checked_per_agent_and_only_when_asked(registry):
+    await registry.set_desired(_request("g", "b"))  # another agent of the guild is desired
+    assert not (await registry.claim_agent(rec("g", "a", "h1:1"), require_desired=True)).ok
+    assert (await registry.claim_agent(rec("g", "a", "h1:1"))).ok  # a direct launch, as before
+
+
+async def test_a_conflicting_claim_names_the_owner_and_why(registry):
+    await registry.set_desired(_request("g", "a"))
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    result = await registry.claim_agent(rec("g", "a", "h2:1"), require_desired=True)
+    assert not result.ok and result.owner == "h1:1" and result.reason == "owned by another live host"
+
+
+async def test_an_engine_stop_between_an_adopters_read_and_its_claim_wins(registry, engine_settings):
+    from rustic_ai.k8s import AsyncK8sEngine
+    from support.redis_server import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # the agent's host died; nothing listens there
+    await registry.set_desired(_request("g", "a"))
+    await registry.claim_agent(rec("g", "a", dead))
+    # The adopter has read that the agent is wanted ...
+    assert await registry.desired_request(A) is not None
+    # ... then the engine stops it: clears the desired state, finds the copy's host gone ...
+    async with AsyncK8sEngine(engine_settings, stop_agents_on_shutdown=False) as engine:
+        await engine.stop_agent("g", "a")
+    # ... and the adopter's claim, made on what it read, must not start it again.
+    result = await registry.claim_agent(rec("g", "a", "h1:1"), require_desired=True)
+    assert not result.ok and result.reason == "not desired"
+    assert not await registry.is_agent_running(A) and await registry.desired("g") == {}
+
+
+async def test_an_engine_stop_that_cannot_clear_desired_state_fails_and_stops_nothing(registry, engine_settings):
+    from rustic_ai.k8s import AsyncK8sEngine
+    from support.redis_server import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    await registry.set_desired(_request("g", "a"))
+    await registry.claim_agent(rec("g", "a", dead))
+    async with AsyncK8sEngine(engine_settings, stop_agents_on_shutdown=False) as engine:
+        async def unreachable(key):
+            raise RegistryUnavailableError("Redis unreachable during clear_desired: test")
+
+        engine.registry.clear_desired = unreachable
+        # Stopping the copy while the agent stays desired would let an adopter start it again:
+        # the stop must fail (the caller retries) instead of half-happening.
+        with pytest.raises(RegistryUnavailableError, match="clear_desired"):
+            await engine.stop_agent("g", "a")
+    assert (await registry.get_agent(A)).host == dead
+    assert await registry.desired_request(A) is not None

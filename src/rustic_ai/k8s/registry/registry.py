@@ -41,10 +41,15 @@ class HeartbeatResult:
     drain_requested: str = ""  # an operator asked this host to drain (`rustic-k8s drain`)
 
 
+NOT_DESIRED = "not desired"
+OWNED_ELSEWHERE = "owned by another live host"
+
+
 @dataclasses.dataclass(frozen=True)
 class ClaimResult:
     ok: bool
-    owner: str = ""  # the host that owns the agent, when not ok
+    owner: str = ""  # the host that owns the agent, when refused for that
+    reason: str = ""  # why not ok: OWNED_ELSEWHERE or NOT_DESIRED
 
 
 def _record_fields(record: AgentRecord) -> list[str]:
@@ -212,22 +217,31 @@ class LocationRegistry:
 
     # -- agents: written by hosts --------------------------------------------------------
 
-    async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True) -> ClaimResult:
+    async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True,
+                          require_desired: bool = False) -> ClaimResult:
         """Registers (or re-registers) an agent on ``record.host`` atomically.
 
         Moving an agent between hosts removes it from the old host's set in the same
-        script. With ``exclusive`` an agent still owned by another live host is refused.
+        script. With ``exclusive`` an agent still owned by another live host is refused
+        (``ClaimResult(False, owner, OWNED_ELSEWHERE)``). With ``require_desired`` an agent
+        whose desired state (``p:desired:{guild}``) is gone is refused
+        (``ClaimResult(False, "", NOT_DESIRED)``), checked in the same script: adopters pass
+        it, so a stop (which clears desired state first) cannot be undone by an adopter that
+        read the desired state before the stop.
         """
         k = self.keys
         async with self._guard("claim_agent"):
             res = await self._claim(
-                keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host), k.host(record.host)],
+                keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host),
+                      k.host(record.host), k.desired(record.guild_id)],
                 args=[self.agent_ttl_ms, k.member(record.key), record.agent_id, record.host, "1" if exclusive else "0",
-                      *_record_fields(record)],
+                      "1" if require_desired else "0", *_record_fields(record)],
             )
         if res[0] == "ok":
             return ClaimResult(True)
-        return ClaimResult(False, res[1])
+        if res[0] == "not_desired":
+            return ClaimResult(False, "", NOT_DESIRED)
+        return ClaimResult(False, res[1], OWNED_ELSEWHERE)
 
     async def update_agent(self, key: AgentKey, host: str, **fields: Any) -> bool:
         """Sets fields (state, pid, exit_code, reason, restarts) while ``host`` owns the agent."""

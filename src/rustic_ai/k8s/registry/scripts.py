@@ -5,11 +5,18 @@ previous owner, which they read from the agent hash (field ``host_set``) — so 
 layout is for a single Redis (or one hash slot), not Redis Cluster.
 """
 
-# KEYS: agent hash, guild set, new host-agents set, new host hash
-# ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"), field, value, ...
-# Returns {"ok"} or {"conflict", other_host}. With exclusive, a live record owned by
-# another host whose lease still exists is not taken over: one agent, one owner.
+# KEYS: agent hash, guild set, new host-agents set, new host hash, guild's desired-state hash
+# ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"),
+#       require desired ("1"/"0"), field, value, ...
+# Returns {"ok"}, {"conflict", other_host} or {"not_desired"}. With exclusive, a live record
+# owned by another host whose lease still exists is not taken over: one agent, one owner.
+# With require desired, an agent whose desired state is gone is not claimed: an engine
+# clears it before stopping an agent, so an adopter that read it earlier cannot start the
+# agent again after the stop (the check and the claim are one step).
 CLAIM_AGENT = """
+if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[5], ARGV[3]) == 0 then
+  return {'not_desired'}
+end
 local old_host = redis.call('HGET', KEYS[1], 'host')
 if old_host and old_host ~= ARGV[4] then
   if ARGV[5] == '1' then
@@ -24,7 +31,7 @@ if old_host and old_host ~= ARGV[4] then
   if old_set then redis.call('SREM', old_set, ARGV[2]) end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[2])
