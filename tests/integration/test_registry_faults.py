@@ -145,6 +145,14 @@ async def test_ack_touches_only_the_named_hosts_adoptions(registry):
     assert await _adopting(registry, "h1:1") == [A]
 
 
+async def test_an_agent_queued_twice_is_handed_out_once(registry):
+    await registry.push_orphans([A])
+    await registry.push_orphans([A])  # e.g. a drain's hand-off and a reap of the same host
+    assert await registry.pop_orphans(10, "h1:1") == [A]
+    await registry.ack_orphans([A], "h1:1")
+    assert await registry.pop_orphans(10, "h1:1") == []
+
+
 async def test_a_host_whose_lease_is_gone_takes_no_orphans(registry):
     # Once reaped nobody would give back what it took; it may adopt again after renewing.
     await registry.push_orphans([A])
@@ -283,3 +291,24 @@ async def test_an_engine_stop_that_cannot_clear_desired_state_fails_and_stops_no
             await engine.stop_agent("g", "a")
     assert (await registry.get_agent(A)).host == dead
     assert await registry.desired_request(A) is not None
+
+
+# -- Redis unreachable: every new call says so, by name ----------------------------------------
+
+NEW_CALLS = {
+    "pop_orphans": lambda reg: reg.pop_orphans(5, "h1:1"),
+    "ack_orphans": lambda reg: reg.ack_orphans([A], "h1:1"),
+    "hand_off_agent": lambda reg: reg.hand_off_agent(A, "h1:1"),
+    "claim_agent": lambda reg: reg.claim_agent(rec("g", "a", "h1:1"), require_desired=True),
+    "reap_dead_hosts": lambda reg: reg.reap_dead_hosts("h1:1", spare=["h2:1"]),
+    "remove_host": lambda reg: reg.remove_host("h1:1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_CALLS))
+async def test_unreachable_redis_is_a_clear_error_for_the_orphan_calls(key_prefix, name):
+    from support.redis_server import free_port
+
+    async with LocationRegistry(f"redis://127.0.0.1:{free_port()}/0", key_prefix, socket_timeout_s=0.5) as reg:
+        with pytest.raises(RegistryUnavailableError, match=f"Redis unreachable during {name}"):
+            await NEW_CALLS[name](reg)
