@@ -135,6 +135,7 @@ async def test_an_empty_queue_pops_nothing(registry):
     assert await registry.pop_orphans(0, "h1:1") == []
     assert await registry.pop_orphans(-1, "h1:1") == []
     assert await registry.ack_orphans([], "h1:1") == 0
+    assert await registry.requeue_orphans([], "h1:1") == 0
 
 
 async def test_ack_touches_only_the_named_hosts_adoptions(registry):
@@ -298,6 +299,7 @@ async def test_an_engine_stop_that_cannot_clear_desired_state_fails_and_stops_no
 NEW_CALLS = {
     "pop_orphans": lambda reg: reg.pop_orphans(5, "h1:1"),
     "ack_orphans": lambda reg: reg.ack_orphans([A], "h1:1"),
+    "requeue_orphans": lambda reg: reg.requeue_orphans([A], "h1:1"),
     "hand_off_agent": lambda reg: reg.hand_off_agent(A, "h1:1"),
     "claim_agent": lambda reg: reg.claim_agent(rec("g", "a", "h1:1"), require_desired=True),
     "reap_dead_hosts": lambda reg: reg.reap_dead_hosts("h1:1", spare=["h2:1"]),
@@ -312,3 +314,13 @@ async def test_unreachable_redis_is_a_clear_error_for_the_orphan_calls(key_prefi
     async with LocationRegistry(f"redis://127.0.0.1:{free_port()}/0", key_prefix, socket_timeout_s=0.5) as reg:
         with pytest.raises(RegistryUnavailableError, match=f"Redis unreachable during {name}"):
             await NEW_CALLS[name](reg)
+
+
+async def test_an_orphan_that_cannot_be_adopted_now_is_given_back_in_one_step(registry):
+    await registry.push_orphans([A, B])
+    await registry.pop_orphans(10, "h1:1")
+    assert await registry.requeue_orphans([A], "h1:1") == 1  # e.g. the launch hit HostFullError
+    assert await _queue(registry) == [A] and await _adopting(registry, "h1:1") == [B]
+    assert await registry.requeue_orphans([A, C], "h1:1") == 0  # not h1's (any more): nothing queued twice
+    assert await _queue(registry) == [A]
+    assert await registry.pop_orphans(10, "h2:1") == [A]

@@ -172,6 +172,7 @@ class LocationRegistry:
         self._reap = r.register_script(scripts.REAP_HOSTS)
         self._pop_orphans = r.register_script(scripts.POP_ORPHANS)
         self._ack_orphans = r.register_script(scripts.ACK_ORPHANS)
+        self._requeue_orphans = r.register_script(scripts.REQUEUE_ORPHANS)
         self._remove_host = r.register_script(scripts.REMOVE_HOST)
         self._hand_off = r.register_script(scripts.HAND_OFF_AGENT)
         self._set_host_state = r.register_script(scripts.SET_HOST_STATE)
@@ -427,8 +428,7 @@ class LocationRegistry:
 
         Never reaps ``reaper`` itself nor an address in ``spare`` (hosts the caller promised
         a grace period; they are reaped by a later call that no longer spares them). Exactly
-        one of many concurrent reapers
-        takes each dead host. A retried call after a lost reply answers ``[]`` for hosts the
+        one of many concurrent reapers takes each dead host. A retried call after a lost reply answers ``[]`` for hosts the
         lost attempt reaped: the list is for logging, the queue is what counts.
         """
         spared = [spare] if isinstance(spare, str) else list(spare)  # one address is not its characters
@@ -454,8 +454,9 @@ class LocationRegistry:
         answers them). A smaller ``count`` than last time gives the surplus back to the head of
         the queue, ``count <= 0`` gives everything back. If ``host`` dies or drains before
         acking, the reaper or its `remove_host` puts them back. A host whose lease is gone
-        takes nothing. One caller per host, and it must ack (or hand back with
-        `push_orphans` + ack) what it got before it pops again.
+        takes nothing. One caller per host, and it settles every member it got — `ack_orphans`
+        (handled) or `requeue_orphans` (not now) — before it pops again; an unsettled member
+        comes back in the next pop.
 
         Without ``host`` this is the old unreliable LPOP, kept for callers not switched yet: a
         lost reply or a death before adopting loses the batch.
@@ -482,6 +483,18 @@ class LocationRegistry:
             return 0
         async with self._guard("ack_orphans"):
             return int(await self._ack_orphans(keys=[self.keys.host_adopting(host)], args=members))
+
+    async def requeue_orphans(self, keys: Iterable[AgentKey], host: str) -> int:
+        """Gives orphans ``host`` popped but cannot adopt now (full, launch failed for a
+        temporary reason) back to the tail of the queue, atomically. Members ``host`` does not
+        hold are not queued (a retried call cannot queue one twice). Returns how many moved;
+        no keys: no round trip."""
+        members = [Keys.member(k) for k in keys]
+        if not members:
+            return 0
+        async with self._guard("requeue_orphans"):
+            return int(await self._requeue_orphans(keys=[self.keys.host_adopting(host), self.keys.orphans],
+                                                   args=members))
 
     async def desired(self, guild_id: str) -> dict[str, LaunchRequest]:
         async with self._guard("desired"):

@@ -206,6 +206,21 @@ for i = 1, #ARGV do n = n + redis.call('LREM', KEYS[1], 0, ARGV[i]) end
 return n
 """
 
+# KEYS: this host's adopting list, orphans list; ARGV: member...
+# Gives orphans this host popped but cannot adopt now back to the tail of the queue, in one
+# step (a push then an ack could die in between). Members not in the adopting list are not
+# queued: a retry after a lost reply must not queue them twice. Returns how many moved.
+REQUEUE_ORPHANS = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('LREM', KEYS[1], 0, ARGV[i]) > 0 then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
 # KEYS: host hash, host-agents set, hosts set, host's adopting list, orphans list; ARGV: address
 # Forgets a host (drain done). Orphans it took and did not ack go back to the head of the
 # queue in the same step, so a host that drains mid-adoption loses none. Returns how many.
