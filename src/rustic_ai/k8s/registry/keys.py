@@ -13,10 +13,10 @@ cannot make two keys collide):
     p:orphans                    LIST  "guild\x1fagent" members to place again (dead or draining host)
 
 The orphan queue is a reliable queue: a pop moves members from p:orphans into the popping
-host's p:host:{addr}:adopting list in the same script, and only an ack (or a requeue, back to
-p:orphans in the same step) removes them. A
-pop whose reply was lost returns them again; a host that dies or drains before acking has
-its adopting list pushed back onto p:orphans (by the reaper, or by its own remove_host).
+host's p:host:{addr}:adopting list in the same script, and only an ack (or a requeue, back
+to p:orphans in the same step) removes them. A pop whose reply was lost returns them again;
+a host that dies or drains before acking has its adopting list pushed back onto p:orphans
+(by the reaper, or by its own remove_host).
 
 Agent ids repeat across guilds (the conformance suite reuses "initiator"), so every
 agent key carries its guild.
