@@ -428,8 +428,9 @@ class LocationRegistry:
 
         Never reaps ``reaper`` itself nor an address in ``spare`` (hosts the caller promised
         a grace period; they are reaped by a later call that no longer spares them). Exactly
-        one of many concurrent reapers takes each dead host. A retried call after a lost reply answers ``[]`` for hosts the
-        lost attempt reaped: the list is for logging, the queue is what counts.
+        one of many concurrent reapers takes each dead host. A retried call after a lost
+        reply answers ``[]`` for hosts the lost attempt reaped: the list is for logging, the
+        queue is what counts.
         """
         spared = [spare] if isinstance(spare, str) else list(spare)  # one address is not its characters
         async with self._guard("reap_dead_hosts"):
