@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from rustic_ai.k8s.base.errors import RegistryUnavailableError
-from rustic_ai.k8s.base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState
+from rustic_ai.k8s.base.models import AgentKey, AgentState, HostState
 from rustic_ai.k8s.registry import LocationRegistry
 from support.eventually import eventually
+from support.registry_records import beat, rec
 
 
 @pytest.fixture
@@ -24,16 +25,6 @@ def key_prefix() -> str:
 async def registry(redis_url, key_prefix):
     async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, lease_s=60) as reg:
         yield reg
-
-
-def rec(guild: str, agent: str, host: str, **kw) -> AgentRecord:
-    spec = f'{{"id": "{agent}", "name": "{agent}-name", "class_name": "pkg.Cls"}}'
-    return AgentRecord(guild, agent, name=f"{agent}-name", class_name="pkg.Cls", spec_json=spec, host=host,
-                       state=kw.pop("state", AgentState.RUNNING), **kw)
-
-
-async def beat(registry, address, agents=(), capacity=10, state=HostState.SERVING):
-    return await registry.heartbeat(HostRecord(address, capacity=capacity, state=state), list(agents))
 
 
 async def test_same_agent_ids_in_two_guilds_coexist(registry):
@@ -201,3 +192,18 @@ async def test_desired_state_is_restored_without_overwriting(registry):
     assert await registry.set_desired_if_missing(old)
     assert not await registry.set_desired_if_missing(new)
     assert (await registry.desired_request(AgentKey("g", "a"))).machine_id == 1
+
+
+async def test_setting_the_state_of_a_host_whose_lease_lapsed_does_not_revive_it(registry):
+    # A lease hash re-created without a TTL would make a dead host look alive forever:
+    # never reaped, its agents counted as running.
+    await beat(registry, "h1:1")
+    await registry.claim_agent(rec("g", "a", "h1:1"))
+    await registry.redis.delete(registry.keys.host("h1:1"))  # its lease lapses
+    assert not await registry.set_host_state("h1:1", HostState.DRAINING)  # a late call of its drain
+    assert not await registry.is_agent_running(AgentKey("g", "a"))
+    assert await registry.reap_dead_hosts("other:1") == ["h1:1"]
+    await beat(registry, "h2:1")
+    assert await registry.set_host_state("h2:1", HostState.DRAINING)
+    [h] = await registry.list_hosts()
+    assert h.state == HostState.DRAINING

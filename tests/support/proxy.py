@@ -2,6 +2,8 @@
 
 `cut()` closes every relayed connection and makes new ones hang (accepted, never
 relayed) — what a host sees when packets to Redis are dropped. `heal()` restores it.
+`lose_next_reply()` lets the next command reach Redis but drops the connection instead of
+relaying its reply: the command ran, the client never learns what it returned.
 Runs on its own event loop thread so synchronous and asynchronous tests can use it.
 """
 
@@ -20,6 +22,8 @@ class CuttableProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
         self._open = True
+        self._lose_reply = 0
+        self.replies_lost = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -42,9 +46,16 @@ class CuttableProxy:
             return
         self._writers |= {writer, up_writer}
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool = False) -> None:
             try:
                 while self._open and (data := await src.read(65536)):
+                    if replies and self._lose_reply:
+                        # The command was executed upstream; its reply dies with both sockets.
+                        self._lose_reply -= 1
+                        self.replies_lost += 1
+                        writer.transport.abort()
+                        up_writer.transport.abort()
+                        return
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -52,7 +63,7 @@ class CuttableProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer, replies=True))
 
     def cut(self) -> None:
         def do() -> None:
@@ -62,6 +73,15 @@ class CuttableProxy:
             self._writers.clear()
 
         self._loop.call_soon_threadsafe(do)
+
+    def lose_next_reply(self, times: int = 1) -> None:
+        """The next ``times`` replies from Redis are not relayed: each one's connection is dropped."""
+
+        async def arm() -> None:
+            self._lose_reply = times
+
+        # Armed on the proxy's loop before returning, so the caller's next command is the one.
+        asyncio.run_coroutine_threadsafe(arm(), self._loop).result(5)
 
     def heal(self) -> None:
         def do() -> None:

@@ -313,7 +313,12 @@ class AsyncK8sEngine:
         await self._stop(AgentKey(guild_id, agent_id))
 
     async def _stop(self, key: AgentKey) -> None:
-        await self._forget_desired(key)  # first, so nothing places it again meanwhile
+        # Desired state goes first, and must go: adopters claim with require_desired, so once
+        # it is cleared no host can start the agent again, whatever it read before. Stopping
+        # the copy while it stays desired would let a host that adopts it later resurrect it,
+        # so a failure here fails the stop (RegistryUnavailableError: retry) before anything
+        # is stopped.
+        await self.registry.clear_desired(key)
         self._owned.pop(key, None)
         record = await self.registry.get_agent(key)
         if record is None or not record.host:

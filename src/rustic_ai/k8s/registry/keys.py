@@ -8,10 +8,17 @@ cannot make two keys collide):
                                        (Redis clock; read by the reaper, see scripts.REAP_HOSTS)
     p:host:{addr}                HASH  HostRecord; TTL = host lease
     p:host:{addr}:agents         SET   "guild\\x1fagent" members placed on that host (load = SCARD)
+    p:host:{addr}:adopting       LIST  orphans that host has taken off p:orphans and not yet acked
     p:agent:{guild}:{agent}      HASH  AgentRecord with the full AgentSpec JSON; TTL = agent TTL
     p:guild:{guild}:agents       SET   agent ids of the guild (membership without SCAN)
     p:desired:{guild}            HASH  agent id -> LaunchRequest JSON the engine wants running
     p:orphans                    LIST  "guild\x1fagent" members to place again (dead or draining host)
+
+The orphan queue is a reliable queue: a pop moves members from p:orphans into the popping
+host's p:host:{addr}:adopting list in the same script, and only an ack (or a requeue, back
+to p:orphans in the same step) removes them. A pop whose reply was lost returns them again;
+a host that dies or drains before acking has its adopting list pushed back onto p:orphans
+(by the reaper, or by its own remove_host).
 
 Agent ids repeat across guilds (the conformance suite reuses "initiator"), so every
 agent key carries its guild.
@@ -47,6 +54,9 @@ class Keys:
 
     def host_agents(self, address: str) -> str:
         return f"{self.prefix}:host:{_enc(address)}:agents"
+
+    def host_adopting(self, address: str) -> str:
+        return f"{self.prefix}:host:{_enc(address)}:adopting"
 
     def agent(self, key: AgentKey) -> str:
         return f"{self.prefix}:agent:{_enc(key.guild_id)}:{_enc(key.agent_id)}"

@@ -43,10 +43,15 @@ class HeartbeatResult:
     redis_ms: int = 0  # Redis's own clock when it renewed the lease (ms since the epoch)
 
 
+NOT_DESIRED = "not desired"
+OWNED_ELSEWHERE = "owned by another live host"
+
+
 @dataclasses.dataclass(frozen=True)
 class ClaimResult:
     ok: bool
-    owner: str = ""  # the host that owns the agent, when not ok
+    owner: str = ""  # the host that owns the agent, when refused for that
+    reason: str = ""  # why not ok: OWNED_ELSEWHERE or NOT_DESIRED
 
 
 def _record_fields(record: AgentRecord) -> list[str]:
@@ -167,6 +172,12 @@ class LocationRegistry:
         self._list_hosts = r.register_script(scripts.LIST_HOSTS)
         self._is_running = r.register_script(scripts.IS_RUNNING)
         self._reap = r.register_script(scripts.REAP_HOSTS)
+        self._pop_orphans = r.register_script(scripts.POP_ORPHANS)
+        self._ack_orphans = r.register_script(scripts.ACK_ORPHANS)
+        self._requeue_orphans = r.register_script(scripts.REQUEUE_ORPHANS)
+        self._remove_host = r.register_script(scripts.REMOVE_HOST)
+        self._hand_off = r.register_script(scripts.HAND_OFF_AGENT)
+        self._set_host_state = r.register_script(scripts.SET_HOST_STATE)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -209,22 +220,31 @@ class LocationRegistry:
 
     # -- agents: written by hosts --------------------------------------------------------
 
-    async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True) -> ClaimResult:
+    async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True,
+                          require_desired: bool = False) -> ClaimResult:
         """Registers (or re-registers) an agent on ``record.host`` atomically.
 
         Moving an agent between hosts removes it from the old host's set in the same
-        script. With ``exclusive`` an agent still owned by another live host is refused.
+        script. With ``exclusive`` an agent still owned by another live host is refused
+        (``ClaimResult(False, owner, OWNED_ELSEWHERE)``). With ``require_desired`` an agent
+        whose desired state (``p:desired:{guild}``) is gone is refused
+        (``ClaimResult(False, "", NOT_DESIRED)``), checked in the same script: adopters pass
+        it, so a stop (which clears desired state first) cannot be undone by an adopter that
+        read the desired state before the stop.
         """
         k = self.keys
         async with self._guard("claim_agent"):
             res = await self._claim(
-                keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host), k.host(record.host)],
+                keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host),
+                      k.host(record.host), k.desired(record.guild_id)],
                 args=[self.agent_ttl_ms, k.member(record.key), record.agent_id, record.host, "1" if exclusive else "0",
-                      *_record_fields(record)],
+                      "1" if require_desired else "0", *_record_fields(record)],
             )
         if res[0] == "ok":
             return ClaimResult(True)
-        return ClaimResult(False, res[1])
+        if res[0] == "not_desired":
+            return ClaimResult(False, "", NOT_DESIRED)
+        return ClaimResult(False, res[1], OWNED_ELSEWHERE)
 
     async def update_agent(self, key: AgentKey, host: str, **fields: Any) -> bool:
         """Sets fields (state, pid, exit_code, reason, restarts) while ``host`` owns the agent."""
@@ -245,6 +265,23 @@ class LocationRegistry:
                 await self._remove(
                     keys=[k.agent(key), k.guild_agents(key.guild_id), k.host_agents(host)],
                     args=[k.member(key), key.agent_id, host, str(pid or "")],
+                )
+            )
+
+    async def hand_off_agent(self, key: AgentKey, host: str) -> bool:
+        """Gives an agent ``host`` has stopped (drain) to the fleet: removes its entry and
+        memberships and queues it as an orphan, in one script, only while ``host`` owns it.
+
+        True: the agent is on the orphan queue (also when an earlier attempt whose reply was
+        lost did it: the client's retry answers the same). False: nothing changed — another
+        host owns it now, or there is no entry (never registered, expired, Redis restarted).
+        """
+        k = self.keys
+        async with self._guard("hand_off_agent"):
+            return bool(
+                await self._hand_off(
+                    keys=[k.agent(key), k.guild_agents(key.guild_id), k.host_agents(host), k.orphans],
+                    args=[k.member(key), key.agent_id, host],
                 )
             )
 
@@ -287,13 +324,17 @@ class LocationRegistry:
             redis_ms=int(redis_ms),
         )
 
-    async def remove_host(self, address: str) -> None:
+    async def remove_host(self, address: str) -> int:
+        """Forgets a host (end of a drain). Orphans it popped and did not ack go back onto the
+        orphan queue in the same step; returns how many did."""
         k = self.keys
         async with self._guard("remove_host"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(k.host(address), k.host_agents(address))
-                pipe.srem(k.hosts, address)
-                await pipe.execute()
+            return int(
+                await self._remove_host(
+                    keys=[k.host(address), k.host_agents(address), k.hosts, k.host_adopting(address), k.orphans],
+                    args=[address],
+                )
+            )
 
     async def request_drain(self, address: str, reason: str = "requested by operator") -> bool:
         """Asks a live host to drain; it notices at its next lease renewal. False if no such host."""
@@ -307,9 +348,10 @@ class LocationRegistry:
                 await self.redis.delete(key)  # HSETNX created a stray hash: no such host
         return bool(exists)
 
-    async def set_host_state(self, address: str, state: HostState) -> None:
+    async def set_host_state(self, address: str, state: HostState) -> bool:
+        """Records a live host's state; False (and nothing written) if its lease is gone."""
         async with self._guard("set_host_state"):
-            await self.redis.hset(self.keys.host(address), "state", str(state))
+            return bool(await self._set_host_state(keys=[self.keys.host(address)], args=[str(state)]))
 
     async def list_hosts(self) -> list[HostRecord]:
         """Hosts whose lease is current, with their load read from their agent sets."""
@@ -392,25 +434,80 @@ class LocationRegistry:
 
     # -- orphans: agents to place again ------------------------------------------------------
 
-    async def reap_dead_hosts(self, reaper: str) -> list[str]:
-        """Moves the agents of hosts whose lease expired onto the orphan queue; returns the hosts."""
+    async def reap_dead_hosts(self, reaper: str, spare: Iterable[str] = ()) -> list[str]:
+        """Moves the agents of hosts whose lease expired, and the orphans they had popped but
+        not acked, onto the orphan queue; returns the hosts reaped.
+
+        Never reaps ``reaper`` itself nor an address in ``spare`` (hosts the caller promised
+        a grace period; they are reaped by a later call that no longer spares them). Exactly
+        one of many concurrent reapers takes each dead host. A retried call after a lost
+        reply answers ``[]`` for hosts the lost attempt reaped: the list is for logging, the
+        queue is what counts.
+        """
+        spared = [spare] if isinstance(spare, str) else list(spare)  # one address is not its characters
         async with self._guard("reap_dead_hosts"):
             return list(
-                await self._reap(keys=[self.keys.hosts, self.keys.orphans], args=[f"{self.keys.prefix}:host:", reaper])
+                await self._reap(keys=[self.keys.hosts, self.keys.orphans],
+                                 args=[f"{self.keys.prefix}:host:", reaper, *spared])
             )
 
     async def push_orphans(self, keys: Iterable[AgentKey]) -> None:
+        """Queues agents for any host to place again (appended to the tail)."""
         members = [Keys.member(k) for k in keys]
         if members:
             async with self._guard("push_orphans"):
                 await self.redis.rpush(self.keys.orphans, *members)
 
-    async def pop_orphans(self, count: int) -> list[AgentKey]:
-        if count <= 0:
-            return []
+    async def pop_orphans(self, count: int, host: str = "") -> list[AgentKey]:
+        """Orphans for ``host`` to adopt: at most ``count``, each to be acked with `ack_orphans`.
+
+        The reliable queue: members move from the orphan queue to ``host``'s adopting list in
+        one script, and every call returns that whole list — orphans popped before and not yet
+        acked included (a reply lost on the wire loses nothing; the client's own retry already
+        answers them). A smaller ``count`` than last time gives the surplus back to the head of
+        the queue, ``count <= 0`` gives everything back. If ``host`` dies or drains before
+        acking, the reaper or its `remove_host` puts them back. A host whose lease is gone
+        takes nothing. One caller per host, and it settles every member it got — `ack_orphans`
+        (handled) or `requeue_orphans` (not now) — before it pops again; an unsettled member
+        comes back in the next pop.
+
+        Without ``host`` this is the old unreliable LPOP, kept for callers not switched yet: a
+        lost reply or a death before adopting loses the batch.
+        """
+        if not host:
+            if count <= 0:
+                return []
+            async with self._guard("pop_orphans"):
+                members = await self.redis.lpop(self.keys.orphans, count)
+            return [Keys.parse_member(m) for m in members or []]
+        k = self.keys
         async with self._guard("pop_orphans"):
-            members = await self.redis.lpop(self.keys.orphans, count)
-        return [Keys.parse_member(m) for m in members or []]
+            members = await self._pop_orphans(keys=[k.orphans, k.host_adopting(host), k.host(host)],
+                                              args=[max(count, 0)])
+        # The same agent can be queued twice (a drain and a reap racing): adopt it once.
+        return [Keys.parse_member(m) for m in dict.fromkeys(members)]
+
+    async def ack_orphans(self, keys: Iterable[AgentKey], host: str) -> int:
+        """Removes handled orphans from ``host``'s adopting list: adopted, no longer wanted,
+        already running elsewhere, or re-queued by the caller. Returns how many entries went;
+        members ``host`` did not pop are ignored. No keys: no round trip."""
+        members = [Keys.member(k) for k in keys]
+        if not members:
+            return 0
+        async with self._guard("ack_orphans"):
+            return int(await self._ack_orphans(keys=[self.keys.host_adopting(host)], args=members))
+
+    async def requeue_orphans(self, keys: Iterable[AgentKey], host: str) -> int:
+        """Gives orphans ``host`` popped but cannot adopt now (full, launch failed for a
+        temporary reason) back to the tail of the queue, atomically. Members ``host`` does not
+        hold are not queued (a retried call cannot queue one twice). Returns how many moved;
+        no keys: no round trip."""
+        members = [Keys.member(k) for k in keys]
+        if not members:
+            return 0
+        async with self._guard("requeue_orphans"):
+            return int(await self._requeue_orphans(keys=[self.keys.host_adopting(host), self.keys.orphans],
+                                                   args=members))
 
     async def desired(self, guild_id: str) -> dict[str, LaunchRequest]:
         async with self._guard("desired"):

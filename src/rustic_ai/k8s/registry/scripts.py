@@ -5,11 +5,18 @@ previous owner, which they read from the agent hash (field ``host_set``) — so 
 layout is for a single Redis (or one hash slot), not Redis Cluster.
 """
 
-# KEYS: agent hash, guild set, new host-agents set, new host hash
-# ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"), field, value, ...
-# Returns {"ok"} or {"conflict", other_host}. With exclusive, a live record owned by
-# another host whose lease still exists is not taken over: one agent, one owner.
+# KEYS: agent hash, guild set, new host-agents set, new host hash, guild's desired-state hash
+# ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"),
+#       require desired ("1"/"0"), field, value, ...
+# Returns {"ok"}, {"conflict", other_host} or {"not_desired"}. With exclusive, a live record
+# owned by another host whose lease still exists is not taken over: one agent, one owner.
+# With require desired, an agent whose desired state is gone is not claimed: an engine
+# clears it before stopping an agent, so an adopter that read it earlier cannot start the
+# agent again after the stop (the check and the claim are one step).
 CLAIM_AGENT = """
+if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[5], ARGV[3]) == 0 then
+  return {'not_desired'}
+end
 local old_host = redis.call('HGET', KEYS[1], 'host')
 if old_host and old_host ~= ARGV[4] then
   if ARGV[5] == '1' then
@@ -24,7 +31,7 @@ if old_host and old_host ~= ARGV[4] then
   if old_set then redis.call('SREM', old_set, ARGV[2]) end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[2])
@@ -167,22 +174,114 @@ if not host_key then return 0 end
 return redis.call('EXISTS', host_key)
 """
 
-# KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address
-# Finds hosts whose lease expired, moves the agents they owned onto the orphans queue and
-# forgets the host — atomically, so exactly one reaper takes each dead host's agents.
-# Returns the reaped addresses.
+# KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address, spared address...
+# Finds hosts whose lease expired, moves the agents they owned and the orphans they had
+# taken but not acked (their adopting list, to the head of the queue: they waited longest)
+# onto the orphans queue and forgets the host — atomically, so exactly one reaper takes
+# each dead host's agents. The reaper itself and spared addresses (hosts the caller
+# promised a grace period) are never reaped. Returns the reaped addresses.
 REAP_HOSTS = """
+local spared = {[ARGV[2]] = true}
+for i = 3, #ARGV do spared[ARGV[i]] = true end
 local reaped = {}
 for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
   local key = ARGV[1] .. enc
-  if addr ~= ARGV[2] and redis.call('EXISTS', key) == 0 then
+  if not spared[addr] and redis.call('EXISTS', key) == 0 then
     local members = redis.call('SMEMBERS', key .. ':agents')
     for _, m in ipairs(members) do redis.call('RPUSH', KEYS[2], m) end
+    while redis.call('LMOVE', key .. ':adopting', KEYS[2], 'RIGHT', 'LEFT') do end
     redis.call('DEL', key .. ':agents')
     redis.call('SREM', KEYS[1], addr)
     table.insert(reaped, addr)
   end
 end
 return reaped
+"""
+
+# KEYS: orphans list, this host's adopting list, this host's hash; ARGV: count
+# The reliable pop: tops the host's adopting list up to ``count`` members taken from the
+# head of the queue (or, when count shrank, gives the surplus back to the head), then
+# returns the whole adopting list. Members stay there until acked, so a reply lost on the
+# wire costs nothing: the next call (or the client's retry) returns them again. A host
+# without a current lease takes nothing: the reaper may already have given its list back,
+# and nobody would give back what it took next.
+POP_ORPHANS = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return {} end
+local want = math.max(tonumber(ARGV[1]), 0)
+local have = redis.call('LLEN', KEYS[2])
+while have > want do
+  redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
+  have = have - 1
+end
+while have < want and redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do
+  have = have + 1
+end
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+
+# KEYS: this host's adopting list; ARGV: member...
+# Drops handled orphans (adopted, found unwanted, or re-queued by the caller). Returns how
+# many entries were removed.
+ACK_ORPHANS = """
+local n = 0
+for i = 1, #ARGV do n = n + redis.call('LREM', KEYS[1], 0, ARGV[i]) end
+return n
+"""
+
+# KEYS: this host's adopting list, orphans list; ARGV: member...
+# Gives orphans this host popped but cannot adopt now back to the tail of the queue, in one
+# step (a push then an ack could die in between). Members not in the adopting list are not
+# queued: a retry after a lost reply must not queue them twice. Returns how many moved.
+REQUEUE_ORPHANS = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('LREM', KEYS[1], 0, ARGV[i]) > 0 then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: host hash, host-agents set, hosts set, host's adopting list, orphans list; ARGV: address
+# Forgets a host (drain done). Orphans it took and did not ack go back to the head of the
+# queue in the same step, so a host that drains mid-adoption loses none. Returns how many.
+REMOVE_HOST = """
+local n = 0
+while redis.call('LMOVE', KEYS[4], KEYS[5], 'RIGHT', 'LEFT') do n = n + 1 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return n
+"""
+
+# KEYS: host hash; ARGV: state. Sets the state of a host that is still there; 0 if it is
+# gone (a plain HSET would create a lease hash without a TTL: a host alive forever).
+SET_HOST_STATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+return 1
+"""
+
+# KEYS: agent hash, guild set, this host's agents set, orphans list; ARGV: member, agent id, host
+# A draining host hands an agent it stopped to the fleet: removes the entry and its
+# memberships and queues it as an orphan in one step, only while this host owns it — a
+# kill between "removed" and "queued" cannot lose the agent. Returns 1 if the agent is on
+# the queue: handed off now, or by an earlier attempt whose reply was lost (entry gone,
+# member queued), so the client's retry answers the same; 0 otherwise.
+HAND_OFF_AGENT = """
+local owner = redis.call('HGET', KEYS[1], 'host')
+if not owner then
+  if redis.call('LPOS', KEYS[4], ARGV[1]) then return 1 end
+  return 0
+end
+if owner ~= ARGV[3] then
+  redis.call('SREM', KEYS[3], ARGV[1])  -- not ours any more: drop our stale membership
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 1
 """
