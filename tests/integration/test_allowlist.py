@@ -16,6 +16,7 @@ from rustic_ai.k8s.base.specs import launch_request_from_models
 from rustic_ai.k8s.process import AgentProcessManager
 from rustic_ai.k8s.protocol.v1 import agent_host_pb2 as pb
 from rustic_ai.k8s.protocol.v1 import agent_host_pb2_grpc as pb_grpc
+from support.deadlines import far
 from support.eventually import eventually
 from support.hosts import TESTS_DIR, HostProcess, pid_alive
 from support.probe import guild_spec, responder
@@ -96,10 +97,10 @@ async def test_with_no_host_check_in_front_the_agent_process_refuses_too(mode, m
            ALLOWED_MODULES_ENV: "rustic_ai.", "RK8S_TEST_IMPORT_MARKER": str(marker)}
     req = launch_request_from_models(guild_spec(f"g-{uuid.uuid4().hex[:6]}"), responder("a"), messaging)
     req = req.model_copy(update={"agent_spec": {**req.agent_spec, "class_name": f"{MARKER}.MarkerAgent"}})
-    async with AgentProcessManager(capacity=2, launch_timeout_s=30, stop_grace_s=2, output_lines=50,
+    async with AgentProcessManager(launch_timeout_s=30, stop_grace_s=2, output_lines=50,
                                    launch_mode=mode, env=env) as manager:
         with pytest.raises(ForbiddenModuleError, match=MARKER):
-            await manager.launch(req)
+            await manager.launch(req, far())
         if mode == "warm":
             # The fork server imports the modules of launched agent classes itself (adaptive
             # preload), asked through agent_ready(). Asked about this one, it must refuse too.
@@ -107,10 +108,10 @@ async def test_with_no_host_check_in_front_the_agent_process_refuses_too(mode, m
             refusals = await eventually(lambda: manager.launcher.learn_refusals, what="the fork server's answer")
             assert "allow-list" in refusals[MARKER], refusals
         # Control: with the module allowed, the same launch imports it (the marker works).
-        allowed = AgentProcessManager(capacity=2, launch_timeout_s=30, stop_grace_s=2, output_lines=50,
+        allowed = AgentProcessManager(launch_timeout_s=30, stop_grace_s=2, output_lines=50,
                                       launch_mode=mode, env={**env, ALLOWED_MODULES_ENV: "rustic_ai.,support."})
         assert not marker.exists()
         async with allowed:
-            proc = await allowed.launch(req)
+            proc = await allowed.launch(req, far())
             assert proc.pid > 0
         assert marker.read_text().startswith(f"{MARKER} imported")

@@ -16,7 +16,7 @@ import pytest
 
 from rustic_ai.k8s import AgentState, AsyncK8sEngine, RegistryUnavailableError
 from support.eventually import eventually
-from support.fleet import answers, live_copies
+from support.fleet import answers, live_copies, peers_known
 from support.hosts import HostProcess, pid_alive, start_hosts
 from support.probe import guild_spec, responder
 from support.proxy import CuttableProxy
@@ -147,6 +147,7 @@ async def test_a_partitioned_host_fences_itself_before_another_host_takes_over(
         rec = await engine.run_agent(g, responder("single"), messaging)
         assert rec.host == a.address
         [b] = hosts("b")
+        await peers_known(engine.registry, [a.address, b.address])  # else A may hold on B's unknown word
         proxy.cut()  # A can no longer reach Redis; it stays alive and reachable over gRPC
         overlaps = 0
         deadline = time.monotonic() + 20

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 
 import pytest
 
 from rustic_ai.k8s.base.errors import RegistryUnavailableError
-from rustic_ai.k8s.base.models import AgentKey, AgentState, HostState
+from rustic_ai.k8s.base.models import AgentKey, AgentState, HostRecord, HostState
 from rustic_ai.k8s.registry import LocationRegistry
 from support.eventually import eventually
 from support.registry_records import beat, rec
@@ -23,7 +25,8 @@ def key_prefix() -> str:
 
 @pytest.fixture
 async def registry(redis_url, key_prefix):
-    async with LocationRegistry(redis_url, key_prefix, agent_ttl_s=60, lease_s=60) as reg:
+    # A namespace per test: hosts one test registers must not be another's peers or reapers.
+    async with LocationRegistry(redis_url, f"{key_prefix}-{uuid.uuid4().hex[:6]}", agent_ttl_s=60, lease_s=60) as reg:
         yield reg
 
 
@@ -166,8 +169,9 @@ async def test_agents_of_a_host_whose_lease_lapsed_are_not_running(registry):
 
 
 async def test_reaping_a_dead_host_queues_its_agents_exactly_once(registry):
+    for reaper in ("live:1", "x:1", "y:1"):  # registered before the dead host last renewed: it knew them all
+        await beat(registry, reaper)
     await beat(registry, "dead:1")
-    await beat(registry, "live:1")
     for a in ("a", "b"):
         await registry.claim_agent(rec("g", a, "dead:1"))
     await registry.redis.delete(registry.keys.host("dead:1"))  # its lease lapses
@@ -176,7 +180,7 @@ async def test_reaping_a_dead_host_queues_its_agents_exactly_once(registry):
     orphans = await registry.pop_orphans(10)
     assert sorted(orphans) == [AgentKey("g", "a"), AgentKey("g", "b")]
     assert await registry.pop_orphans(10) == []
-    assert [h.address for h in await registry.list_hosts()] == ["live:1"]
+    assert [h.address for h in await registry.list_hosts()] == ["live:1", "x:1", "y:1"]
 
 
 async def test_a_host_never_reaps_itself(registry):
@@ -197,6 +201,7 @@ async def test_desired_state_is_restored_without_overwriting(registry):
 async def test_setting_the_state_of_a_host_whose_lease_lapsed_does_not_revive_it(registry):
     # A lease hash re-created without a TTL would make a dead host look alive forever:
     # never reaped, its agents counted as running.
+    await beat(registry, "other:1")  # the reaper, known to h1 when h1 last renewed
     await beat(registry, "h1:1")
     await registry.claim_agent(rec("g", "a", "h1:1"))
     await registry.redis.delete(registry.keys.host("h1:1"))  # its lease lapses
@@ -205,5 +210,40 @@ async def test_setting_the_state_of_a_host_whose_lease_lapsed_does_not_revive_it
     assert await registry.reap_dead_hosts("other:1") == ["h1:1"]
     await beat(registry, "h2:1")
     assert await registry.set_host_state("h2:1", HostState.DRAINING)
-    [h] = await registry.list_hosts()
+    [h] = [h for h in await registry.list_hosts() if h.address == "h2:1"]
     assert h.state == HostState.DRAINING
+
+
+async def test_a_reaper_the_dead_host_never_heard_of_waits_out_its_hold(registry):
+    # h1 renewed (with a 60 s hold limit) before "late:1" ever registered: h1 may be holding
+    # its agents on its peers' word that Redis is gone, and never asked late:1. Reaping it at
+    # once could start a second copy.
+    await registry.heartbeat(HostRecord("old:1", capacity=10, state=HostState.SERVING), [])
+    await registry.heartbeat(HostRecord("h1:1", capacity=10, state=HostState.SERVING), [], hold_max_s=60)
+    await registry.claim_agent(rec("g", "held", "h1:1"))
+    await beat(registry, "late:1")
+    await registry.redis.delete(registry.keys.host("h1:1"))
+    assert await registry.reap_dead_hosts("late:1") == []
+    assert await registry.reap_dead_hosts("unregistered:1") == []
+    assert await registry.reap_dead_hosts("old:1") == ["h1:1"]  # old:1 was in h1's view: h1 asked it
+
+
+async def test_a_reap_that_reaches_redis_late_does_nothing(registry):
+    await beat(registry, "r:1")
+    await beat(registry, "d:1")
+    await registry.claim_agent(rec("g", "late", "d:1"))
+    await registry.redis.delete(registry.keys.host("d:1"))
+    now_ms = int(time.time() * 1000)
+    # Sent "5 s ago" by the reaper's reckoning, valid for 1 s: it waited out a Redis pause.
+    assert await registry.reap_dead_hosts("r:1", sent_ms=now_ms - 5000, validity_ms=1000) == []
+    assert await registry.reap_dead_hosts("r:1", sent_ms=now_ms - 200, validity_ms=1000) == ["d:1"]
+
+
+async def test_the_renewal_names_live_peers_and_redis_time(registry):
+    await beat(registry, "p1:1")
+    await beat(registry, "p2:1")
+    result = await beat(registry, "me:1")
+    assert result.peers == ("p1:1", "p2:1")
+    assert abs(result.redis_ms - time.time() * 1000) < 5000
+    await registry.redis.delete(registry.keys.host("p2:1"))  # lapsed peers are not asked for a hold
+    assert (await beat(registry, "me:1")).peers == ("p1:1",)

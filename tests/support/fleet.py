@@ -53,3 +53,21 @@ def processes_with_env(marker: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+async def peers_known(registry, addresses: list[str], timeout: float = 10.0) -> None:
+    """Waits until each host in ``addresses`` has renewed its lease after all the others registered.
+
+    A host learns its peers from its renewals; one cut off before it heard of a newcomer may
+    hold its agents on the others' word, so the newcomer (rightly) will not reap it for its
+    whole hold limit. Tests of partitions wait for this first.
+    """
+    meta = registry.keys.hosts_meta
+
+    async def known() -> bool:
+        fields = await registry.redis.hgetall(meta)
+        since = {a: int(fields.get(f"{a}|since", "-1")) for a in addresses}
+        renewed = {a: int(fields.get(f"{a}|renewed", "0 0 -1").split()[2]) for a in addresses}
+        return all(renewed[a] > since[b] for a in addresses for b in addresses if a != b)
+
+    await eventually(known, timeout=timeout, interval=0.05, what=f"{addresses} renewed after each other registered")

@@ -84,7 +84,8 @@ class HostProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.log.close()
-        self.log_path.unlink(missing_ok=True)
+        if not os.environ.get("RUSTIC_K8S_TEST_KEEP_LOGS"):  # set it to read a failed run's host logs
+            self.log_path.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:

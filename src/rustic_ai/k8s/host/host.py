@@ -377,8 +377,7 @@ class AgentHost:
             self.drain_requested.set()
 
     def _extend_agents(self, stop_at: float, kill_at: float) -> None:
-        for supervisor in self.agents.values():
-            supervisor.send_deadline(stop_at, kill_at)
+        self.processes.send_deadline(stop_at, kill_at)
 
     async def _ask_peers(self, peers: list[str]) -> list[float]:
         async def ask(address: str) -> float:

@@ -147,24 +147,34 @@ class Lease:
         return result
 
     async def run(self) -> None:
-        """Renews until cancelled."""
+        """Renews until cancelled. Nothing that goes wrong in one round ends the loop: the lease is
+        what keeps every agent of this host alive."""
         while True:
-            now = time.monotonic()
-            due = self._refresh_agents or now - self._agents_at >= self._agents_every_s
-            self._refresh_agents = False
-            result = await self.renew(include_agents=due)
-            if result is not None and result.host_was_missing and not due:
-                result = await self.renew(include_agents=True)  # Redis lost us: report every agent at once
-            if result is not None:
-                self._on_result(result)
-            elif self._hold_task is None or self._hold_task.done():
-                self._hold_task = asyncio.create_task(self._ask_for_hold(), name="lease-hold")
-            self._publish(renewed=result is not None)
-            self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.renew_s)
-            except TimeoutError:
-                pass
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in a callback must not stop the renewals
+                log.exception("lease round failed; renewing again")
+                await asyncio.sleep(self.renew_s)  # pacing, not a synchronisation
+
+    async def _round(self) -> None:
+        now = time.monotonic()
+        due = self._refresh_agents or now - self._agents_at >= self._agents_every_s
+        self._refresh_agents = False
+        result = await self.renew(include_agents=due)
+        if result is not None and result.host_was_missing and not due:
+            result = await self.renew(include_agents=True)  # Redis lost us: report every agent at once
+        if result is not None:
+            self._on_result(result)
+        elif self._hold_task is None or self._hold_task.done():
+            self._hold_task = asyncio.create_task(self._ask_for_hold(), name="lease-hold")
+        self._publish(renewed=result is not None)
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.renew_s)
+        except TimeoutError:
+            pass
 
     def _publish(self, renewed: bool) -> None:
         now = time.monotonic()

@@ -73,6 +73,8 @@ class Reconciler:
                     await self.tick()
             except (RegistryUnavailableError, TimeoutError) as exc:
                 log.debug("reconcile skipped, registry unreachable: %s", exc)
+            except Exception:  # noqa: BLE001 - one bad round must not end failover for good
+                log.exception("reconcile round failed")
             await asyncio.sleep(self._interval_s)
 
     async def wait_no_reap_in_flight(self) -> bool:

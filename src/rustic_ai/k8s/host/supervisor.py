@@ -131,10 +131,6 @@ class AgentSupervisor:
         """The record vanished from Redis (restarted empty, TTL lapsed): write it again."""
         self._repair.set()
 
-    def send_deadline(self, stop_at: float, kill_at: float) -> None:
-        if self.proc is not None:
-            self.proc.send_deadline(stop_at, kill_at)
-
     def kill_as_crash(self, reason: str, pid: int) -> bool:
         """Kills the process as a crash (memory limit); False if it is not the running one any more."""
         proc = self.proc

@@ -187,6 +187,15 @@ class AgentProcessManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def send_deadline(self, stop_at: float, kill_at: float) -> None:
+        """Extends the lease deadline of every live process, those still starting included.
+
+        Every agent of a host lives under the same host lease, so this is one broadcast, not
+        a per-agent matter; an agent whose build takes longer than one renewal keeps being
+        extended while it builds."""
+        for proc in list(self._live):
+            proc.send_deadline(stop_at, kill_at)
+
     def live(self) -> list[AgentProcess]:
         """Processes started here that have not exited (for the last-resort kill and for tests)."""
         return list(self._live)

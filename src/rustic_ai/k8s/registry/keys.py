@@ -4,8 +4,9 @@ Layout (``p`` is the fleet's key prefix, ids are percent-encoded so ``:`` in an 
 cannot make two keys collide):
 
     p:hosts                      SET   advertised addresses of hosts that registered
-    p:hosts:meta                 HASH  "addr|since" -> first registration, "addr|renewed" -> "ms hold_ms"
-                                       (Redis clock; read by the reaper, see scripts.REAP_HOSTS)
+    p:hosts:meta                 HASH  "addr|since" -> sequence at first registration, "addr|renewed" ->
+                                       "ms hold_ms seq" of the last renewal, "|seq" the counter
+                                       (read by the reaper, see scripts.HEARTBEAT and REAP_HOSTS)
     p:host:{addr}                HASH  HostRecord; TTL = host lease
     p:host:{addr}:agents         SET   "guild\\x1fagent" members placed on that host (load = SCARD)
     p:host:{addr}:adopting       LIST  orphans that host has taken off p:orphans and not yet acked

@@ -331,7 +331,8 @@ class LocationRegistry:
         async with self._guard("remove_host"):
             return int(
                 await self._remove_host(
-                    keys=[k.host(address), k.host_agents(address), k.hosts, k.host_adopting(address), k.orphans],
+                    keys=[k.host(address), k.host_agents(address), k.hosts, k.host_adopting(address), k.orphans,
+                          k.hosts_meta],
                     args=[address],
                 )
             )
@@ -434,21 +435,28 @@ class LocationRegistry:
 
     # -- orphans: agents to place again ------------------------------------------------------
 
-    async def reap_dead_hosts(self, reaper: str, spare: Iterable[str] = ()) -> list[str]:
+    async def reap_dead_hosts(self, reaper: str, spare: Iterable[str] = (), *, sent_ms: int = 0,
+                              validity_ms: int = 1000) -> list[str]:
         """Moves the agents of hosts whose lease expired, and the orphans they had popped but
         not acked, onto the orphan queue; returns the hosts reaped.
 
         Never reaps ``reaper`` itself nor an address in ``spare`` (hosts the caller promised
-        a grace period; they are reaped by a later call that no longer spares them). Exactly
-        one of many concurrent reapers takes each dead host. A retried call after a lost
-        reply answers ``[]`` for hosts the lost attempt reaped: the list is for logging, the
-        queue is what counts.
+        a hold; they are reaped by a later call that no longer spares them). ``sent_ms``, a
+        lower bound of Redis's clock now (host/lease.py ``redis_now_ms``), makes the call do
+        nothing if Redis runs it more than ``validity_ms`` later (it waited out a pause); 0
+        skips that check. A host that last renewed before ``reaper`` first registered is
+        reaped only once its hold limit and a lease have passed since (scripts.REAP_HOSTS).
+        Exactly one of many concurrent reapers takes each dead host. A retried call after a
+        lost reply answers ``[]`` for hosts the lost attempt reaped: the list is for
+        logging, the queue is what counts.
         """
         spared = [spare] if isinstance(spare, str) else list(spare)  # one address is not its characters
+        k = self.keys
         async with self._guard("reap_dead_hosts"):
             return list(
-                await self._reap(keys=[self.keys.hosts, self.keys.orphans],
-                                 args=[f"{self.keys.prefix}:host:", reaper, *spared])
+                await self._reap(keys=[k.hosts, k.orphans, k.hosts_meta],
+                                 args=[f"{k.prefix}:host:", reaper, int(sent_ms), int(validity_ms), self.host_ttl_ms,
+                                       *spared])
             )
 
     async def push_orphans(self, keys: Iterable[AgentKey]) -> None:

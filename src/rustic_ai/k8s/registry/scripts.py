@@ -77,9 +77,11 @@ return 1
 # owns it now (stop our copy); drain = the reason an operator asked this host to drain, or
 # empty; live peers = addresses of the other hosts whose lease exists (who to ask for a
 # hold in an outage); redis ms = this server's clock.
-# The meta hash keeps, per host, when it first registered ("addr|since") and when it last
-# renewed with which hold limit ("addr|renewed" = "ms hold_ms"), on Redis's own clock: the
-# reaper uses both (REAP_HOSTS) to tell whether a dead host could have known about it.
+# The meta hash keeps, per host, when it first registered ("addr|since" = a sequence number
+# every renewal takes, "|seq") and its last renewal ("addr|renewed" = "ms hold_ms seq": Redis's
+# clock, its hold limit, the sequence): the reaper (REAP_HOSTS) uses them to tell whether a
+# dead host could have known about it — scripts run one at a time, so a lower sequence is
+# an earlier script, exactly.
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -90,8 +92,9 @@ for i = 1, npairs * 2 do fields[i] = ARGV[6 + i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('HSETNX', KEYS[4], ARGV[3] .. '|since', now_ms)
-redis.call('HSET', KEYS[4], ARGV[3] .. '|renewed', now_ms .. ' ' .. ARGV[5])
+local seq = redis.call('HINCRBY', KEYS[4], '|seq', 1)
+redis.call('HSETNX', KEYS[4], ARGV[3] .. '|since', seq)
+redis.call('HSET', KEYS[4], ARGV[3] .. '|renewed', now_ms .. ' ' .. ARGV[5] .. ' ' .. seq)
 local missing, lost = {}, {}
 local first_member = 7 + npairs * 2
 for i = 5, #KEYS do
@@ -174,25 +177,50 @@ if not host_key then return 0 end
 return redis.call('EXISTS', host_key)
 """
 
-# KEYS: hosts set, orphans list; ARGV: host key prefix, this host's address, spared address...
+# KEYS: hosts set, orphans list, hosts meta hash
+# ARGV: host key prefix, this host's address, sent ms, validity ms, lease ms, spared address...
 # Finds hosts whose lease expired, moves the agents they owned and the orphans they had
 # taken but not acked (their adopting list, to the head of the queue: they waited longest)
 # onto the orphans queue and forgets the host — atomically, so exactly one reaper takes
-# each dead host's agents. The reaper itself and spared addresses (hosts the caller
-# promised a grace period) are never reaped. Returns the reaped addresses.
+# each dead host's agents. Never reaped: the reaper itself, spared addresses (hosts the
+# reaper promised a hold, host/lease.py), and — fencing the reaper's own staleness —
+#  * nothing at all when this request runs later than ``validity`` after ``sent`` (a lower
+#    bound of this server's clock when the reaper sent it): it sat in a buffer while Redis
+#    was paused, and its spared list may predate a promise;
+#  * a host whose last renewal ran before the reaper first registered, until ``hold + lease``
+#    past that renewal: it never heard of the reaper, so it could not have asked it for a
+#    hold, and may be holding its agents on the others' word (up to its hold limit).
+# Returns the reaped addresses.
 REAP_HOSTS = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local sent_ms, validity_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if sent_ms > 0 and now_ms - sent_ms > validity_ms then return {} end
 local spared = {[ARGV[2]] = true}
-for i = 3, #ARGV do spared[ARGV[i]] = true end
+for i = 6, #ARGV do spared[ARGV[i]] = true end
+local my_since = tonumber(redis.call('HGET', KEYS[3], ARGV[2] .. '|since') or '-1')
 local reaped = {}
 for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
   local key = ARGV[1] .. enc
-  if not spared[addr] and redis.call('EXISTS', key) == 0 then
+  local ok = not spared[addr] and redis.call('EXISTS', key) == 0
+  if ok then
+    local renewed = redis.call('HGET', KEYS[3], addr .. '|renewed')
+    if renewed then
+      local at, hold, seq = string.match(renewed, '(%d+) (%d+) (%d+)')
+      at, hold, seq = tonumber(at), tonumber(hold), tonumber(seq)
+      -- my_since -1: this reaper is not registered (Redis lost it): it knows nothing either.
+      local unknown = my_since < 0 or my_since > seq
+      if unknown and now_ms - at < hold + lease_ms then ok = false end
+    end
+  end
+  if ok then
     local members = redis.call('SMEMBERS', key .. ':agents')
     for _, m in ipairs(members) do redis.call('RPUSH', KEYS[2], m) end
     while redis.call('LMOVE', key .. ':adopting', KEYS[2], 'RIGHT', 'LEFT') do end
     redis.call('DEL', key .. ':agents')
     redis.call('SREM', KEYS[1], addr)
+    redis.call('HDEL', KEYS[3], addr .. '|since', addr .. '|renewed')
     table.insert(reaped, addr)
   end
 end
@@ -244,7 +272,8 @@ end
 return n
 """
 
-# KEYS: host hash, host-agents set, hosts set, host's adopting list, orphans list; ARGV: address
+# KEYS: host hash, host-agents set, hosts set, host's adopting list, orphans list, hosts meta hash
+# ARGV: address
 # Forgets a host (drain done). Orphans it took and did not ack go back to the head of the
 # queue in the same step, so a host that drains mid-adoption loses none. Returns how many.
 REMOVE_HOST = """
@@ -252,6 +281,7 @@ local n = 0
 while redis.call('LMOVE', KEYS[4], KEYS[5], 'RIGHT', 'LEFT') do n = n + 1 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1] .. '|since', ARGV[1] .. '|renewed')
 return n
 """
 
