@@ -1,7 +1,11 @@
 """A TCP proxy on loopback that a test can cut: a network partition for one client.
 
 `cut()` closes every relayed connection and makes new ones hang (accepted, never
-relayed) — what a host sees when packets to Redis are dropped. `heal()` restores it.
+relayed) — what a host sees when packets to Redis are dropped. `stall()` is a silent
+drop: relayed connections stay open but nothing crosses them any more (the client only
+notices by its own timeouts), and new ones hang. `refuse()` resets every connection and
+refuses new ones at once (a REJECT rule, or Redis's port closed). `heal()` restores it,
+resetting whatever was held so clients reconnect afresh.
 Runs on its own event loop thread so synchronous and asynchronous tests can use it.
 """
 
@@ -19,7 +23,7 @@ class CuttableProxy:
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
-        self._open = True
+        self._mode = "open"  # open | cut | stall | refuse
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -32,7 +36,10 @@ class CuttableProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._open:
+        if self._mode == "refuse":
+            writer.transport.abort()
+            return
+        if self._mode != "open":
             self._writers.add(writer)  # blackhole: hold the connection, relay nothing
             return
         try:
@@ -44,7 +51,11 @@ class CuttableProxy:
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
-                while self._open and (data := await src.read(65536)):
+                while self._mode != "cut" and (data := await src.read(65536)):
+                    while self._mode == "stall":  # dropped on the floor: hold the bytes, send nothing
+                        await asyncio.sleep(0.05)
+                    if self._mode != "open":
+                        break
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -55,11 +66,21 @@ class CuttableProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     def cut(self) -> None:
+        self._set("cut", abort=True)
+
+    def stall(self) -> None:
+        self._set("stall", abort=False)
+
+    def refuse(self) -> None:
+        self._set("refuse", abort=True)
+
+    def _set(self, mode: str, *, abort: bool) -> None:
         def do() -> None:
-            self._open = False
-            for w in list(self._writers):
-                w.transport.abort()
-            self._writers.clear()
+            self._mode = mode
+            if abort:
+                for w in list(self._writers):
+                    w.transport.abort()
+                self._writers.clear()
 
         self._loop.call_soon_threadsafe(do)
 
@@ -68,7 +89,7 @@ class CuttableProxy:
             for w in list(self._writers):
                 w.transport.abort()
             self._writers.clear()
-            self._open = True
+            self._mode = "open"
 
         self._loop.call_soon_threadsafe(do)
 
