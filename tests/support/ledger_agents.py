@@ -48,24 +48,36 @@ def proc_starttime(pid: int | str = "self") -> int:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-class LedgerAgent(Agent):
-    def __init__(self):
+class Ledger:
+    """One agent process's ledger file; agents build it in their own ``__init__``."""
+
+    def __init__(self, guild_id: str, agent_id: str) -> None:
         directory = os.environ.get(LEDGER_DIR_ENV)
         if not directory:
-            raise RuntimeError(f"{LEDGER_DIR_ENV} is not set for this host; LedgerAgent has nowhere to write")
-        path = ledger_path(directory, self.guild_id, self.id)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            raise RuntimeError(f"{LEDGER_DIR_ENV} is not set for this host; a ledger agent has nowhere to write")
+        self._fd = os.open(ledger_path(directory, guild_id, agent_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._pid = os.getpid()
         self._write(f"start {self._pid} {proc_starttime()} {time.monotonic():.6f}")
 
     def _write(self, line: str) -> None:
         os.write(self._fd, (line + "\n").encode())
 
-    @agent.processor(JsonDict, lambda me, message: message.topics == "default_topic")
-    def on_default_topic(self, ctx: ProcessContext) -> None:
+    def handle(self, ctx: ProcessContext) -> None:
         payload = ctx.payload
         seq = payload.get(SEQ_FIELD)
         if isinstance(seq, int):
             self._write(f"handled {seq} {self._pid} {time.monotonic():.6f}")
         elif payload.get("content") == "Hello Responder!":
             ctx.send_dict({"content": f"Acknowledged: {ctx.message.id}"})
+
+
+# A subclass that inherits this __init__ was built without running it (rusticai-core's agent
+# machinery calls the argument-less __init__ a class defines itself), so it never opened its
+# ledger: other ledger agents define these few lines themselves instead of subclassing.
+class LedgerAgent(Agent):
+    def __init__(self):
+        self._ledger = Ledger(self.guild_id, self.id)
+
+    @agent.processor(JsonDict, lambda me, message: message.topics == "default_topic")
+    def on_default_topic(self, ctx: ProcessContext) -> None:
+        self._ledger.handle(ctx)
