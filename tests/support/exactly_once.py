@@ -13,8 +13,8 @@ Three independent sources, none of them the registry or a host's own table:
   steady rate. A publish that raises is recorded as not sent, so an outage that refuses
   messages does not count them as lost.
 
-From these the report gives, per agent: messages lost (sent, never handled by any copy
-before the settle deadline), messages handled twice (by sequence number, over all
+From these the report gives, per agent: messages lost (sent while the agent was wanted,
+never handled by any copy before the settle deadline), messages handled twice (by sequence number, over all
 copies), the most live copies seen at once, and the time to recover (from the end of the
 fault to the first handling of a message sent after it).
 
@@ -163,6 +163,7 @@ class AgentReport:
     copies_started: list[int]  # every pid that was ever built as this agent
     live_at_end: list[int]
     recover_s: float | None  # None: nothing sent after the fault was handled
+    retired: bool = False  # stopped on purpose: owes only what was sent before, and no live copy
 
     @property
     def twice_by_one_copy(self) -> int:
@@ -171,7 +172,7 @@ class AgentReport:
 
     def line(self) -> str:
         rec = "never" if self.recover_s is None else f"{self.recover_s:.2f} s"
-        return (f"{self.agent_id}: sent {self.sent}, lost {len(self.lost)} {self.lost[:20]}, "
+        return (f"{self.agent_id}{' (stopped)' if self.retired else ''}: sent {self.sent}, lost {len(self.lost)} {self.lost[:20]}, "
                 f"twice {len(self.twice)} (by one copy {self.twice_by_one_copy}) "
                 f"{dict(list(self.twice.items())[:10])}, "
                 f"most live copies {self.max_copies} {self.max_copies_pids}, recover {rec}, "
@@ -196,17 +197,23 @@ class Report:
                 "recover_s": max((a.recover_s if a.recover_s is not None else float("inf")
                                   for a in self.agents.values()), default=0.0)}
 
-    def problems(self, *, max_twice: int = 0, recover_within_s: float = 10.0) -> list[str]:
-        """What breaks exactly-once; empty when nothing does."""
+    def problems(self, *, max_twice: int | dict[str, int] = 0, recover_within_s: float = 10.0) -> list[str]:
+        """What breaks exactly-once; empty when nothing does. ``max_twice``: allowed duplicates,
+        for every agent or per agent (e.g. one per crash of one of its copies)."""
         out = []
         for a in self.agents.values():
+            allowed = max_twice.get(a.agent_id, 0) if isinstance(max_twice, dict) else max_twice
             if a.lost:
                 out.append(f"{a.agent_id}: {len(a.lost)} messages lost, seqs {a.lost[:30]}")
-            if len(a.twice) > max_twice:
-                out.append(f"{a.agent_id}: {len(a.twice)} messages handled twice (allowed {max_twice}): "
+            if len(a.twice) > allowed:
+                out.append(f"{a.agent_id}: {len(a.twice)} messages handled twice (allowed {allowed}): "
                            f"{dict(list(a.twice.items())[:15])} (seq: pids)")
             if a.max_copies > 1:
                 out.append(f"{a.agent_id}: {a.max_copies} live copies at once, pids {a.max_copies_pids}")
+            if a.retired:
+                if a.live_at_end:
+                    out.append(f"{a.agent_id}: stopped, yet copies {a.live_at_end} are alive")
+                continue
             if len(a.live_at_end) != 1:
                 out.append(f"{a.agent_id}: {len(a.live_at_end)} live copies after the fault healed "
                            f"{a.live_at_end} (want 1)")
@@ -215,7 +222,7 @@ class Report:
                            f"of the fault healing (took {a.recover_s})")
         return out
 
-    def assert_exactly_once(self, *, max_twice: int = 0, recover_within_s: float = 10.0,
+    def assert_exactly_once(self, *, max_twice: int | dict[str, int] = 0, recover_within_s: float = 10.0,
                             logs: Callable[[], str] | None = None) -> None:
         problems = self.problems(max_twice=max_twice, recover_within_s=recover_within_s)
         if problems:
@@ -233,6 +240,8 @@ class Checker:
         self.agents = set(agents)
         self.sender = Sender(guild_id, messaging, rate_per_s)
         self.faults: list[tuple[str, float, float]] = []
+        self.retired: dict[str, float] = {}  # agent -> when it was stopped on purpose
+        self.joined: dict[str, float] = {}  # agent -> when it was added after the sender started
         self._max: dict[str, tuple[int, list[int]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -312,7 +321,17 @@ class Checker:
                          what=f"agents {sorted(want)} handling messages")
 
     def add_agent(self, agent_id: str) -> None:
+        """An agent launched from now on: it owes every message sent from now on. (It usually
+        gets older ones too, from the topic's history, but an empty Redis has none to give.)"""
         self.agents.add(agent_id)
+        self.retired.pop(agent_id, None)
+        self.joined[agent_id] = time.monotonic()
+
+    def retire(self, agent_id: str) -> None:
+        """The agent is being stopped on purpose: from now on it owes no handling, and no copy
+        of it may be left alive."""
+        self.agents.discard(agent_id)
+        self.retired[agent_id] = time.monotonic()
 
     async def settle(self, *, min_traffic_s: float = 2.0, after_heal_s: float = 10.0,
                      deadline_s: float = 15.0, quiet_s: float = 3.0) -> Report:
@@ -356,8 +375,10 @@ class Checker:
         sent = dict(self.sender.sent)
         agents = {}
         with self._lock:
-            for a in sorted(self.agents):
+            for a in sorted(self.agents | set(self.retired)):
                 entry = self.ledgers.agents.get(a, _AgentLedger())
+                until, since = self.retired.get(a), self.joined.get(a, 0.0)
+                owed = {s for s, t in sent.items() if t >= since and (until is None or t < until)}
                 counts = Counter(seq for seq, _p, _t in entry.handled)
                 pids: dict[int, list[int]] = {}
                 for seq, pid, _t in entry.handled:
@@ -366,9 +387,9 @@ class Checker:
                 after = [at for seq, _p, at in entry.handled if healed is not None and sent.get(seq, -1.0) >= healed]
                 most = self._max.get(a, (0, []))
                 agents[a] = AgentReport(
-                    agent_id=a, sent=len(sent), lost=sorted(set(sent) - set(counts)), twice=pids,
+                    agent_id=a, sent=len(owed), lost=sorted(owed - set(counts)), twice=pids,
                     max_copies=most[0], max_copies_pids=most[1], copies_started=[c.pid for c in entry.copies],
-                    live_at_end=live.get(a, []),
+                    live_at_end=live.get(a, []), retired=until is not None,
                     recover_s=(min(after) - healed) if after else (None if healed is not None else 0.0),
                 )
         return Report(agents=agents, not_sent=len(self.sender.failed), faults=list(self.faults))
