@@ -320,6 +320,26 @@ class Checker:
         await eventually(lambda: want <= self.handled_since(t), timeout=timeout, interval=0.1,
                          what=f"agents {sorted(want)} handling messages")
 
+    def take_max_copies(self) -> dict[str, tuple[int, list[int]]]:
+        """The most live copies seen per agent since the last call; starts a new window."""
+        with self._lock:
+            seen, self._max = self._max, {}
+        return seen
+
+    def recovery_s(self, healed: float, agents: Iterable[str]) -> float | None:
+        """Slowest agent's time from ``healed`` to its first handling of a message sent after it."""
+        with self._lock:
+            self.ledgers.refresh()
+            sent = dict(self.sender.sent)
+            worst = 0.0
+            for a in agents:
+                after = [at for seq, _p, at in self.ledgers.agents.get(a, _AgentLedger()).handled
+                         if sent.get(seq, -1.0) >= healed]
+                if not after:
+                    return None
+                worst = max(worst, min(after) - healed)
+        return worst
+
     def add_agent(self, agent_id: str) -> None:
         """An agent launched from now on: it owes every message sent from now on. (It usually
         gets older ones too, from the topic's history, but an empty Redis has none to give.)"""
@@ -352,13 +372,13 @@ class Checker:
         def all_handled_or_quiet() -> bool:
             with self._lock:
                 self.ledgers.refresh()
-                want = set(self.sender.sent)
-                entries = [self.ledgers.agents.get(a, _AgentLedger()) for a in self.agents]
-                if all(want <= {s for s, _p, _t in e.handled} for e in entries):
+                sent = dict(self.sender.sent)
+                entries = {a: self.ledgers.agents.get(a, _AgentLedger()) for a in self.agents}
+                if all(self._owed(a, sent) <= {s for s, _p, _t in e.handled} for a, e in entries.items()):
                     return True
                 # Still catching up (a backlog after a stall) is progress; nothing new handled
                 # for quiet_s means what is missing is not coming.
-                handled = sum(len(e.handled) for e in entries)
+                handled = sum(len(e.handled) for e in entries.values())
                 if handled != progress["handled"]:
                     progress.update(handled=handled, at=time.monotonic())
                 return time.monotonic() - progress["at"] >= quiet_s
@@ -366,6 +386,11 @@ class Checker:
         with contextlib.suppress(AssertionError):
             await eventually(all_handled_or_quiet, timeout=deadline_s, interval=0.1, what="every sent message handled")
         return self.report()
+
+    def _owed(self, agent_id: str, sent: dict[int, float]) -> set[int]:
+        """The messages the agent must handle: those sent while it was wanted."""
+        since, until = self.joined.get(agent_id, 0.0), self.retired.get(agent_id)
+        return {s for s, t in sent.items() if t >= since and (until is None or t < until)}
 
     def report(self) -> Report:
         if self.sampler_error is not None:
@@ -377,8 +402,8 @@ class Checker:
         with self._lock:
             for a in sorted(self.agents | set(self.retired)):
                 entry = self.ledgers.agents.get(a, _AgentLedger())
-                until, since = self.retired.get(a), self.joined.get(a, 0.0)
-                owed = {s for s, t in sent.items() if t >= since and (until is None or t < until)}
+                until = self.retired.get(a)
+                owed = self._owed(a, sent)
                 counts = Counter(seq for seq, _p, _t in entry.handled)
                 pids: dict[int, list[int]] = {}
                 for seq, pid, _t in entry.handled:
