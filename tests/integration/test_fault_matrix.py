@@ -51,9 +51,11 @@ async def fleet_under_traffic(*, hosts: int = 2, via_proxy: bool = False, agents
         try:
             yield fleet
         except BaseException:
-            # Whatever failed, show what the checker saw and what the hosts said.
-            print(f"\n--- checker at failure ---\n{checker.report().summary()}\n--- host logs ---\n{fleet.logs()}")
+            # Whatever failed (the checker's verdict or a step before it), show what the
+            # checker saw and what the hosts said.
+            print(f"\n--- checker ---\n{checker.report().summary()}\n--- host logs ---\n{fleet.logs()}")
             raise
+        print(f"\n{checker.report().summary()}")
 
 
 class LaunchInFlight:
@@ -96,7 +98,6 @@ def _spec(agent_id: str, class_name: str | None = None):
 
 async def judge(fleet: LedgerFleet, *, max_twice: int = 0) -> None:
     report = await fleet.checker.settle()
-    print(f"\n{report.summary()}")
     report.assert_exactly_once(max_twice=max_twice, recover_within_s=10.0, logs=fleet.logs)
 
 

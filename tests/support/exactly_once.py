@@ -353,8 +353,8 @@ class Checker:
         self.agents.discard(agent_id)
         self.retired[agent_id] = time.monotonic()
 
-    async def settle(self, *, min_traffic_s: float = 2.0, after_heal_s: float = 10.0,
-                     deadline_s: float = 15.0, quiet_s: float = 3.0) -> Report:
+    async def settle(self, *, min_traffic_s: float = 1.5, after_heal_s: float = 10.0,
+                     deadline_s: float = 15.0, quiet_s: float = 2.0) -> Report:
         """Keeps sending for at least ``min_traffic_s`` after the heal and until every agent handles
         new messages (or ``after_heal_s``), then stops the sender and waits for every sent
         message to be handled: until ``deadline_s``, or ``quiet_s`` without any handling."""
