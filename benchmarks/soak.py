@@ -11,7 +11,9 @@ believed. Faults are drawn with the seed from: agent SIGKILL, host SIGKILL, host
 and past the lease), Redis restarted with its data and empty, one host cut off from
 Redis past its lease. A killed or drained host is replaced (a killed one after the
 fault, while the fleet recovers; a drained one first). After each fault the run
-waits (bounded) until every agent has one live process and handles new messages.
+waits (bounded) until every agent has one live process and handles new messages; an
+agent that does not is stopped and launched again, and the fault counts as not
+recovered.
 
 Per fault class it prints and writes to ``benchmarks/results/soak.json``: messages lost
 and handled twice (each message is charged to the fault whose window it was sent in:
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import json
 import os
 import random
@@ -43,7 +46,7 @@ os.environ.setdefault("RUSTIC_AGENT_HOST_ALLOWED_MODULES", "rustic_ai.,support."
 
 from support import faults  # noqa: E402
 from support.eventually import eventually  # noqa: E402
-from support.ledger_fleet import LEASE_S, LedgerFleet  # noqa: E402
+from support.ledger_fleet import LEASE_S, LedgerFleet, ledger_spec  # noqa: E402
 
 PAST_LEASE_S = 1.5 * LEASE_S
 CLASSES = {  # fault class -> weight
@@ -58,15 +61,15 @@ async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> None:
     """Applies one fault and heals it (every helper heals in a finally)."""
     if kind == "agent SIGKILL":
         victim = rng.choice(AGENTS)
-        [pid] = fleet.live_pids(victim)
-        os.kill(pid, signal.SIGKILL)
-        await eventually(lambda: pid not in fleet.live_pids(victim), timeout=5, what="victim gone")
+        for pid in fleet.live_pids(victim):  # none when an earlier fault left it down; all, if two
+            os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: not fleet.live_pids(victim), timeout=5, what="victim gone")
         return
     host = rng.choice(fleet.live_hosts)
     if kind == "host SIGKILL":
         # The fault is the kill (and its agents dying with the host); the replacement pod starts
         # after it, during the recovery, as Kubernetes would start one.
-        doomed = [a for a in AGENTS if fleet.host_of(a) is host]
+        doomed = [a for a in AGENTS if host in fleet.hosts_of(a)]
         host.process.kill()
         await eventually(lambda: not any(fleet.live_pids(a) for a in doomed), timeout=5, what="agents died with it")
     elif kind == "host SIGTERM (drain)":
@@ -120,6 +123,8 @@ async def soak(n_faults: int, seed: int) -> dict:
             if replacement is not None:
                 await replacement
             recover = checker.recovery_s(healed, AGENTS)
+            if not settled:
+                await repair(fleet)
             most = checker.take_max_copies()
             windows.append({"kind": kind, "began": began, "healed": healed, "settled": settled,
                             "recover_s": recover, "max_copies": max((m[0] for m in most.values()), default=0),
@@ -130,6 +135,23 @@ async def soak(n_faults: int, seed: int) -> dict:
         report = await checker.settle()
         per_fault = charge(windows, checker)
     return summarise(windows, per_fault, report, seed)
+
+
+async def repair(fleet: LedgerFleet) -> None:
+    """What an operator does after a fault the fleet did not recover from: stop every agent that
+    does not have exactly one live copy and launch it again, so later faults start from a
+    working fleet. The fault is still counted as not recovered."""
+    for a in AGENTS:
+        if len(fleet.live_pids(a)) == 1:
+            continue
+        with contextlib.suppress(Exception):  # best effort: what is still broken shows in the next window
+            await fleet.engine.stop_agent(fleet.guild.id, a)
+            await eventually(lambda a=a: not fleet.live_pids(a), timeout=10, what=f"{a} stopped")
+        try:
+            await fleet.engine.run_agent(fleet.guild, ledger_spec(a), fleet.messaging)
+            print(f"  (relaunched {a})", flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported, the soak goes on
+            print(f"  (could not relaunch {a}: {exc})", flush=True)
 
 
 def charge(windows: list[dict], checker) -> list[dict]:

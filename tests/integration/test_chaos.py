@@ -109,5 +109,5 @@ async def checkpoint(fleet: LedgerFleet, wanted: set[str]) -> None:
         assert all(len(p) == 1 for p in copies.values()), copies
         return True
 
-    await eventually(one_copy_each, timeout=20, interval=0.1, what=f"every agent running exactly once")
+    await eventually(one_copy_each, timeout=20, interval=0.1, what="every agent running exactly once")
     await fleet.checker.wait_answering(wanted, timeout=20)

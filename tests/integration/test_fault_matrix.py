@@ -247,5 +247,5 @@ async def test_stop_agent_with_a_2ms_deadline_leaves_nothing_half_stopped():
             await eventually(settled, timeout=10, interval=0.1,
                              what="l0 stopped for good: no process, not running, not listed by its host")
             record = await fleet.engine.run_agent(fleet.guild, _spec("l0"), fleet.messaging)
-            assert record.pid in fleet.live_pids("l0") or await eventually(lambda: fleet.live_pids("l0"), timeout=5)
+            await eventually(lambda: fleet.live_pids("l0") == [record.pid], timeout=5, what="l0 launched again")
         await judge(fleet)

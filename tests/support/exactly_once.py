@@ -172,7 +172,8 @@ class AgentReport:
 
     def line(self) -> str:
         rec = "never" if self.recover_s is None else f"{self.recover_s:.2f} s"
-        return (f"{self.agent_id}{' (stopped)' if self.retired else ''}: sent {self.sent}, lost {len(self.lost)} {self.lost[:20]}, "
+        name = f"{self.agent_id} (stopped)" if self.retired else self.agent_id
+        return (f"{name}: sent {self.sent}, lost {len(self.lost)} {self.lost[:20]}, "
                 f"twice {len(self.twice)} (by one copy {self.twice_by_one_copy}) "
                 f"{dict(list(self.twice.items())[:10])}, "
                 f"most live copies {self.max_copies} {self.max_copies_pids}, recover {rec}, "

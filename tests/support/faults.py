@@ -10,7 +10,6 @@ process stopped or a host cut off. The block's body is the fault's duration, usu
   (``os.killpg``; start the host with ``own_group=True``). Agent processes and the fork
   server put themselves in groups of their own, so today the host's group is the host
   alone; a design that kept agents in the host's group would freeze them with it.
-* `paused_tree(pid)` — the process and every descendant, as a frozen pod (cgroup freezer).
 * `redis_paused(server)` — SIGSTOP of redis-server: connections stay open, nothing answers,
   data is kept.
 * `redis_down(server, keep_data=...)` — redis-server stopped for the block's duration and
@@ -27,7 +26,6 @@ import logging
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 from .proxy import CuttableProxy
 from .redis_server import RedisServer
@@ -60,40 +58,6 @@ def paused_group(pid: int) -> Iterator[None]:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGCONT)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, from /proc's parent links."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-@contextlib.contextmanager
-def paused_tree(pid: int) -> Iterator[list[int]]:
-    """Stops the parent first so it cannot start new children meanwhile; resumes children first."""
-    _signal(pid, signal.SIGSTOP)
-    tree = descendants(pid)
-    for p in tree:
-        _signal(p, signal.SIGSTOP)
-    try:
-        yield [pid, *tree]
-    finally:
-        for p in reversed(tree):
-            _signal(p, signal.SIGCONT)
-        _signal(pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager

@@ -149,14 +149,21 @@ class LedgerFleet:
         entry = self.checker.ledgers.agents.get(agent_id)
         return [c.pid for c in entry.copies if copy_alive(c)] if entry else []
 
-    def host_of(self, agent_id: str) -> FleetHost:
-        """The live host whose process tree holds the agent's one live copy (by /proc parent links)."""
-        pids = self.live_pids(agent_id)
-        assert len(pids) == 1, f"{agent_id}: live copies {pids}"
+    def hosts_of(self, agent_id: str) -> list[FleetHost]:
+        """The live hosts whose process trees hold live copies of the agent (by /proc parent links)."""
         hosts = {h.process.pid: h for h in self.live_hosts}
-        pid = pids[0]
-        while pid > 1:
-            if pid in hosts:
-                return hosts[pid]
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        raise AssertionError(f"{agent_id} (pid {pids[0]}) runs under no host of this fleet")
+        found = []
+        for pid in self.live_pids(agent_id):
+            with contextlib.suppress(OSError, IndexError, ValueError):  # it may exit while we look
+                while pid > 1 and pid not in hosts:
+                    pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if pid in hosts:
+                    found.append(hosts[pid])
+        return found
+
+    def host_of(self, agent_id: str) -> FleetHost:
+        """The host running the agent's one live copy."""
+        found = self.hosts_of(agent_id)
+        assert len(found) == 1, f"{agent_id}: live copies {self.live_pids(agent_id)} on hosts " \
+                                f"{[h.process.name for h in found]}"
+        return found[0]
