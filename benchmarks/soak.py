@@ -65,7 +65,9 @@ async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> None:
             os.kill(pid, signal.SIGKILL)
         await eventually(lambda: not fleet.live_pids(victim), timeout=5, what="victim gone")
         return
-    host = rng.choice(fleet.live_hosts)
+    # A host fault on a host that runs nothing tests little: prefer one that runs agents.
+    busy = [h for h in fleet.live_hosts if any(h in fleet.hosts_of(a) for a in AGENTS)]
+    host = rng.choice(busy or fleet.live_hosts)
     if kind == "host SIGKILL":
         # The fault is the kill (and its agents dying with the host); the replacement pod starts
         # after it, during the recovery, as Kubernetes would start one.

@@ -30,7 +30,7 @@ from rustic_ai.k8s import AgentAlreadyExistsError, RusticK8sError, TemporaryErro
 from rustic_ai.k8s.base.models import AgentKey
 from support import faults
 from support.eventually import eventually
-from support.ledger_fleet import LEASE_S, LedgerFleet
+from support.ledger_fleet import LEASE_S, LedgerFleet, ledger_spec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,7 +65,7 @@ class LaunchInFlight:
 
     def __init__(self, fleet: LedgerFleet, agent_id: str = "late") -> None:
         self.fleet, self.agent_id = fleet, agent_id
-        self.task = asyncio.create_task(fleet.engine.run_agent(fleet.guild, _spec(agent_id), fleet.messaging))
+        self.task = asyncio.create_task(fleet.engine.run_agent(fleet.guild, ledger_spec(agent_id), fleet.messaging))
         self.errors: list[BaseException] = []
         fleet.checker.add_agent(agent_id)
 
@@ -78,7 +78,7 @@ class LaunchInFlight:
         deadline = time.monotonic() + 10
         while True:
             try:
-                await self.fleet.engine.run_agent(self.fleet.guild, _spec(self.agent_id), self.fleet.messaging)
+                await self.fleet.engine.run_agent(self.fleet.guild, ledger_spec(self.agent_id), self.fleet.messaging)
                 return
             except AgentAlreadyExistsError:
                 return
@@ -90,15 +90,10 @@ class LaunchInFlight:
                 await asyncio.sleep(0.5)  # a user's retry interval, not a synchronisation
 
 
-def _spec(agent_id: str, class_name: str | None = None):
-    from support.ledger_fleet import ledger_spec
-
-    return ledger_spec(agent_id, class_name)
-
-
 async def judge(fleet: LedgerFleet, *, max_twice: int = 0) -> None:
     report = await fleet.checker.settle()
-    report.assert_exactly_once(max_twice=max_twice, recover_within_s=10.0, logs=fleet.logs)
+    # No logs in the message: fleet_under_traffic prints them with any failure.
+    report.assert_exactly_once(max_twice=max_twice, recover_within_s=10.0)
 
 
 # -- crashes
@@ -246,6 +241,6 @@ async def test_stop_agent_with_a_2ms_deadline_leaves_nothing_half_stopped():
 
             await eventually(settled, timeout=10, interval=0.1,
                              what="l0 stopped for good: no process, not running, not listed by its host")
-            record = await fleet.engine.run_agent(fleet.guild, _spec("l0"), fleet.messaging)
+            record = await fleet.engine.run_agent(fleet.guild, ledger_spec("l0"), fleet.messaging)
             await eventually(lambda: fleet.live_pids("l0") == [record.pid], timeout=5, what="l0 launched again")
         await judge(fleet)

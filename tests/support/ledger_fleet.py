@@ -86,14 +86,18 @@ class LedgerFleet:
         await self._stack.aclose()
 
     def _close_sync(self) -> None:
-        if self.checker is not None:
-            self.checker.close()
+        # Each part closes on its own: one that fails must not leave the others running.
+        steps = [self.checker.close] if self.checker is not None else []
         for h in self.hosts:
-            h.process.close()
+            steps.append(h.process.close)
             if h.proxy is not None:
-                h.proxy.close()
-        self.redis.close()
-        shutil.rmtree(self.ledger_dir, ignore_errors=True)
+                steps.append(h.proxy.close)
+        steps += [self.redis.close, lambda: shutil.rmtree(self.ledger_dir, ignore_errors=True)]
+        for step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - logged; the rest still closes
+                log.exception("closing the fleet: %s failed", step)
 
     # -- hosts
 
