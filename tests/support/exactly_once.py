@@ -132,6 +132,7 @@ class Sender(threading.Thread):
         next_due = time.monotonic()
         try:
             while not self._stop.is_set():
+                probe.clear()  # the probe captures every message on the topic; keep only the latest
                 try:
                     probe.agent.publish_dict("default_topic", {SEQ_FIELD: seq})
                     self.sent[seq] = time.monotonic()
@@ -139,11 +140,18 @@ class Sender(threading.Thread):
                     log.info("publish %d failed: %s", seq, exc)
                     self.failed.append(seq)
                 seq += 1
-                probe.clear()  # the probe captures every message on the topic; keep none
                 # Steady rate, no catch-up burst after a publish that blocked (Redis paused).
                 next_due = max(next_due + self.interval, time.monotonic())
                 self._stop.wait(next_due - time.monotonic())
         finally:
+            # rusticai-redis raises KeyError in its delivery thread when a client shuts down while
+            # a delivery to it is under way. The probe hears its own messages: once the last one
+            # arrived, nothing more is on the way to it and it can close.
+            last = seq - 1
+            deadline = time.monotonic() + 2.0
+            while last in self.sent and time.monotonic() < deadline and not any(
+                    m.payload.get(SEQ_FIELD) == last for m in list(probe.agent.captured_messages)):
+                time.sleep(0.02)
             with contextlib.suppress(Exception):
                 probe.close()
 
