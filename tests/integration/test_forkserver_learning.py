@@ -77,7 +77,7 @@ async def test_a_module_whose_import_is_slow_is_not_learned(redis_server, child_
     # The server forks every agent of its host: an import that takes seconds there would
     # hold every launch up meanwhile, so such a module stays imported per agent instead.
     launcher = ForkServerLauncher(env=child_env)
-    module = "support.slow_import_agents"
+    module = "support.slow_preload_agents"
     base = request(responder("slow"), redis_server.port)
     slow = base.model_copy(update={"agent_spec": {**base.agent_spec, "class_name": f"{module}.SlowImportAgent"}})
     try:

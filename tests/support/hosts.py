@@ -15,7 +15,9 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 
 class HostProcess:
     def __init__(self, redis_url: str, key_prefix: str, *, name: str, env: dict[str, str] | None = None,
-                 args: list[str] | None = None, wait: bool = True) -> None:
+                 args: list[str] | None = None, wait: bool = True, own_group: bool = False) -> None:
+        """``own_group``: the host leads a process group of its own, so a test can signal the
+        group (os.killpg) without signalling itself."""
         self.name = name
         self.log = tempfile.NamedTemporaryFile(prefix=f"rk8s-{name}-", suffix=".log", delete=False)
         self.log_path = Path(self.log.name)
@@ -38,6 +40,7 @@ class HostProcess:
             stderr=self.log,
             env=full_env,
             text=True,
+            process_group=0 if own_group else None,
         )
         self.address = ""
         if wait:
@@ -101,10 +104,10 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_hosts(redis_url: str, key_prefix: str, names: list[str], env: dict[str, str] | None = None
-                ) -> list[HostProcess]:
+def start_hosts(redis_url: str, key_prefix: str, names: list[str], env: dict[str, str] | None = None,
+                *, own_group: bool = False) -> list[HostProcess]:
     """Starts several hosts at once (interpreter start-up overlaps) and waits for all."""
-    hosts = [HostProcess(redis_url, key_prefix, name=n, env=env, wait=False) for n in names]
+    hosts = [HostProcess(redis_url, key_prefix, name=n, env=env, wait=False, own_group=own_group) for n in names]
     try:
         for h in hosts:
             h.wait_ready()

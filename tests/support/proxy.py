@@ -1,9 +1,13 @@
 """A TCP proxy on loopback that a test can cut: a network partition for one client.
 
 `cut()` closes every relayed connection and makes new ones hang (accepted, never
-relayed) — what a host sees when packets to Redis are dropped. `heal()` restores it.
-`lose_next_reply()` lets the next command reach Redis but drops the connection instead of
-relaying its reply: the command ran, the client never learns what it returned.
+relayed) — what a host sees when packets to Redis are dropped. `stall()` is a silent
+drop: relayed connections stay open but nothing crosses them any more (the client only
+notices by its own timeouts), and new ones hang. `refuse()` resets every connection and
+refuses new ones at once (a REJECT rule, or Redis's port closed). `heal()` restores it,
+resetting whatever was held so clients reconnect afresh. `lose_next_reply()` lets the next
+command reach Redis but drops the connection instead of relaying its reply: the command
+ran, the client never learns what it returned.
 Runs on its own event loop thread so synchronous and asynchronous tests can use it.
 """
 
@@ -21,7 +25,7 @@ class CuttableProxy:
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-proxy", daemon=True)
-        self._open = True
+        self._mode = "open"  # open | cut | stall | refuse
         self._lose_reply = 0
         self.replies_lost = 0
         self._writers: set[asyncio.StreamWriter] = set()
@@ -36,7 +40,10 @@ class CuttableProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._open:
+        if self._mode == "refuse":
+            writer.transport.abort()
+            return
+        if self._mode != "open":
             self._writers.add(writer)  # blackhole: hold the connection, relay nothing
             return
         try:
@@ -48,7 +55,11 @@ class CuttableProxy:
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool = False) -> None:
             try:
-                while self._open and (data := await src.read(65536)):
+                while self._mode != "cut" and (data := await src.read(65536)):
+                    while self._mode == "stall":  # dropped on the floor: hold the bytes, send nothing
+                        await asyncio.sleep(0.05)
+                    if self._mode != "open":
+                        break
                     if replies and self._lose_reply:
                         # The command was executed upstream; its reply dies with both sockets.
                         self._lose_reply -= 1
@@ -66,13 +77,13 @@ class CuttableProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer, replies=True))
 
     def cut(self) -> None:
-        def do() -> None:
-            self._open = False
-            for w in list(self._writers):
-                w.transport.abort()
-            self._writers.clear()
+        self._set("cut", abort=True)
 
-        self._loop.call_soon_threadsafe(do)
+    def stall(self) -> None:
+        self._set("stall", abort=False)
+
+    def refuse(self) -> None:
+        self._set("refuse", abort=True)
 
     def lose_next_reply(self, times: int = 1) -> None:
         """The next ``times`` replies from Redis are not relayed: each one's connection is dropped."""
@@ -83,12 +94,22 @@ class CuttableProxy:
         # Armed on the proxy's loop before returning, so the caller's next command is the one.
         asyncio.run_coroutine_threadsafe(arm(), self._loop).result(5)
 
+    def _set(self, mode: str, *, abort: bool) -> None:
+        def do() -> None:
+            self._mode = mode
+            if abort:
+                for w in list(self._writers):
+                    w.transport.abort()
+                self._writers.clear()
+
+        self._loop.call_soon_threadsafe(do)
+
     def heal(self) -> None:
         def do() -> None:
             for w in list(self._writers):
                 w.transport.abort()
             self._writers.clear()
-            self._open = True
+            self._mode = "open"
 
         self._loop.call_soon_threadsafe(do)
 

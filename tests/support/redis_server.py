@@ -1,13 +1,18 @@
 """A private redis-server on a free loopback port, for the tests and the local cluster.
 
 Never the machine's own Redis: the tests own every process they talk to.
+
+Nothing is persisted on its own (``--save ""``, no AOF): `restart(keep_data=True)` asks for
+a SAVE first, so the server comes back from its RDB file in its own directory, as a Redis
+with persistence would; `restart()` removes that file and comes back empty.
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -55,6 +60,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(5)
@@ -63,10 +69,45 @@ class RedisServer:
                 self.proc.wait()
         self.proc = None
 
-    def restart(self) -> None:
-        """Stops and starts again on the same port, empty (nothing is persisted)."""
+    def command(self, *parts: str, timeout: float = 10.0) -> bytes:
+        """One command over a plain socket (RESP), its first reply line."""
+        wire = f"*{len(parts)}\r\n" + "".join(f"${len(p)}\r\n{p}\r\n" for p in parts)
+        with socket.create_connection(("127.0.0.1", self.port), timeout) as s:
+            s.sendall(wire.encode())
+            return s.recv(4096).split(b"\r\n", 1)[0]
+
+    def shutdown(self, *, keep_data: bool) -> None:
+        """Stops the server. ``keep_data``: SHUTDOWN SAVE, so everything up to the last write is in
+        its RDB file and the next `start` loads it (a persistent Redis's graceful shutdown);
+        otherwise the file is removed and the next `start` is empty."""
+        rdb = os.path.join(self.dir, "dump.rdb")
+        if keep_data and self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            with contextlib.suppress(OSError):
+                self.command("SHUTDOWN", "SAVE")  # no reply: the server exits once the file is written
+            self.proc.wait(10)
+            if not os.path.exists(rdb):
+                raise RuntimeError("SHUTDOWN SAVE wrote no RDB file")
         self.stop()
+        if not keep_data:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rdb)
+
+    def restart(self, *, keep_data: bool = False, downtime_s: float = 0.0) -> None:
+        """Stops, stays down for ``downtime_s``, starts again on the same port, with or without its data."""
+        self.shutdown(keep_data=keep_data)
+        if downtime_s:
+            time.sleep(downtime_s)  # the outage itself
         self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered, data is kept."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
         self.stop()
