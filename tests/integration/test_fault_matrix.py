@@ -232,15 +232,18 @@ async def test_stop_agent_with_a_2ms_deadline_leaves_nothing_half_stopped():
             assert time.monotonic() - t0 < 1.0, "the call must give up at its deadline"
 
             async def settled() -> bool:
+                # The host may remember the agent as stopped (for GetAgentInfo); what must never
+                # stay is a "stopping" with no process behind it, counted against capacity.
                 state = {"live processes": fleet.live_pids("l0"),
                          "engine says running": await fleet.engine.is_agent_running(key.guild_id, "l0"),
-                         "host lists": [r.state.value for r in await client.list_agents(fleet.guild.id)
-                                        if r.agent_id == "l0"]}
+                         "host lists it as not stopped": [r.state.value
+                                                          for r in await client.list_agents(fleet.guild.id)
+                                                          if r.agent_id == "l0" and r.state.value != "stopped"]}
                 assert not any(state.values()), state
                 return True
 
             await eventually(settled, timeout=10, interval=0.1,
-                             what="l0 stopped for good: no process, not running, not listed by its host")
+                             what="l0 stopped for good: no process, not running, at most listed as stopped")
             record = await fleet.engine.run_agent(fleet.guild, ledger_spec("l0"), fleet.messaging)
             await eventually(lambda: fleet.live_pids("l0") == [record.pid], timeout=5, what="l0 launched again")
         await judge(fleet)

@@ -53,6 +53,7 @@ from ..base.allowlist import ModuleAllowList
 from ..base.errors import ForbiddenModuleError, InvalidSpecError
 from ..base.models import LaunchRequest
 from ..base.specs import ParsedLaunch, parse_launch
+from . import redis_delivery
 from .fence import LeaseFence
 from .control import (
     CONTROL_FD_ENV,
@@ -206,6 +207,8 @@ def run(raw: bytes, control_fd: int, lease_fd: int, *, ready_extra: dict[str, An
         return EXIT_INVALID_SPEC
 
     request = parsed.request
+    if parsed.messaging_config.backend_module.startswith("rustic_ai.redis."):
+        redis_delivery.install()  # exactly-once gaps of rusticai-redis 1.4 (see redis_delivery.py)
     wrapper = ProcessAgentWrapper(
         guild_spec=parsed.guild_spec,
         agent_spec=parsed.agent_spec,

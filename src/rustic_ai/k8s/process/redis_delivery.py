@@ -1,0 +1,198 @@
+"""Two delivery fixes for rusticai-redis 1.4's per-client subscriptions, applied in agent processes only.
+
+rusticai-redis keeps, per agent (client) and topic, the id of the last message it handled
+(``eo:pos:{client}:{topic}``) and replays what came after it when the agent subscribes —
+the mechanism that lets an agent restarted or moved to another host pick up where it
+stopped. Measured with this project's exactly-once checker (tests/support/exactly_once.py),
+two gaps in it lose or repeat messages under the faults this engine is built to survive:
+
+* **Lost across a reconnect.** After a Redis restart (or any broken pub/sub connection) the
+  subscription comes back — redis-py reconnects and re-subscribes on its own, or the
+  library's health monitor does up to 10 s later — but nothing replays the backlog, so
+  whatever was published meanwhile is never delivered (4–15 messages per agent per restart
+  in the fault matrix). Fix: a sweeper thread reads each subscription's backlog from its
+  saved position every second (and after the library's own re-subscribe), as a first
+  subscription does, and queues what was never queued.
+* **Handled twice by one process.** A first subscription starts the live feed, then reads
+  the backlog; a message published in between arrives both ways and is handled twice by
+  the same process. Fix: each client's queue accepts a message id once (a bounded memory of
+  recent ids per client); the replay fix above relies on this too, since a replay after a
+  reconnect overlaps what arrived live.
+
+Both are small wrappers around the library's own methods (``_enqueue_for_client``,
+``_resubscribe_all``, ``_setup_internal``), installed by ``install()`` when the agent's messaging backend is
+rusticai-redis; nothing changes for other backends. They are meant to be removed once the
+library does the same.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REMEMBERED_IDS = 20_000  # per client: far more than can be in flight between a feed and a replay
+
+
+def install() -> bool:
+    """Patches rusticai-redis's pub/sub manager once; False when the library is not installed."""
+    try:
+        from rustic_ai.redis.messaging.pubsub_manager import RedisPubSubManager
+    except ImportError:
+        return False
+    if getattr(RedisPubSubManager, "_rk8s_delivery_fixed", False):
+        return True
+    original_enqueue = RedisPubSubManager._enqueue_for_client
+    original_resubscribe = RedisPubSubManager._resubscribe_all
+    original_setup = RedisPubSubManager._setup_internal
+    original_replay = RedisPubSubManager._replay_backlog
+
+    def _enqueue_for_client(self: Any, client_id: str, namespace: Any, topic: str, handler: Any,
+                            message: Any) -> None:
+        if self.__dict__.get("_rk8s_dirty") and not getattr(_sweeping, "active", False):
+            # The first delivery after Redis was unreachable: queue what the feed missed
+            # meanwhile *before* it, so nothing newer is handled (and its position saved)
+            # ahead of an older message still missing.
+            _sweep_quietly(self)
+        seen = _seen_ids(self, client_id)
+        with seen.lock:
+            if message.id in seen.ids:
+                return
+            seen.ids[message.id] = None
+            while len(seen.ids) > REMEMBERED_IDS:
+                seen.ids.popitem(last=False)
+        original_enqueue(self, client_id, namespace, topic, handler, message)
+
+    def _resubscribe_all(self: Any) -> None:  # the library's path when its pub/sub thread died
+        original_resubscribe(self)
+        _replay_all(self)
+
+    def _setup_internal(self: Any) -> None:
+        original_setup(self)
+        _start_sweeper(self)
+
+    def _replay_backlog(self: Any, topic: str, client_id: str, handler: Any, namespace: Any) -> None:
+        # The first replay of a subscription marks where this process's responsibility starts.
+        self.__dict__.setdefault("_rk8s_floors", {}).setdefault(
+            (topic, client_id), self._load_position(client_id, topic))
+        original_replay(self, topic, client_id, handler, namespace)
+
+    RedisPubSubManager._enqueue_for_client = _enqueue_for_client
+    RedisPubSubManager._resubscribe_all = _resubscribe_all
+    RedisPubSubManager._setup_internal = _setup_internal
+    RedisPubSubManager._replay_backlog = _replay_backlog
+    RedisPubSubManager._rk8s_delivery_fixed = True
+    return True
+
+
+SWEEP_S = 0.5  # how often each subscription's recent backlog is read again
+
+
+def _replay_all(manager: Any) -> None:
+    with manager.lock:
+        clients = list(manager._client_handlers.items())
+    for (topic, client_id), (handler, namespace) in clients:
+        manager._replay_backlog(topic, client_id, handler, namespace)
+    if clients:
+        log.info("replayed the backlog of %d subscriptions after a reconnect", len(clients))
+
+
+LAG_S = 5.0  # the sweep re-reads this much history behind the newest message (publishers' clocks differ)
+
+
+def _sweep_once(manager: Any) -> int:
+    """Reads every subscription's recent backlog; queues what this process never queued.
+
+    Only messages after the position saved when this process subscribed are candidates
+    (``_floors``: older ones were handled by an earlier copy of the agent). The saved
+    position itself is a high-water mark — a message delivered out of order moves it past
+    one still missing — so the sweep reads from a trailing window instead and lets the
+    queue's id memory drop what is already there.
+    """
+    from rustic_ai.core.messaging.core.message import Message
+    from rustic_ai.core.utils.gemstone_id import GemstoneID
+
+    with manager.lock:
+        clients = list(manager._client_handlers.items())
+    floors = manager.__dict__.setdefault("_rk8s_floors", {})
+    windows = manager.__dict__.setdefault("_rk8s_windows", {})
+    queued = 0
+    for (topic, client_id), (handler, namespace) in clients:
+        floor = floors.get((topic, client_id))
+        if floor is None:  # subscribed before install(): start from the saved position
+            floor = floors[(topic, client_id)] = manager._load_position(client_id, topic)
+        since = windows.get((topic, client_id), GemstoneID.from_int(floor).timestamp if floor else 0.0)
+        raw = manager.client.zrangebyscore(topic, since, "+inf") if since else manager.client.zrange(topic, 0, -1)
+        messages = sorted((Message.from_json(m) for m in raw or ()), key=lambda m: m.id)
+        seen = _seen_ids(manager, client_id)
+        for message in messages:
+            if message.id > floor and message.id not in seen.ids:
+                manager._enqueue_for_client(client_id, namespace, topic, handler, message)
+                queued += 1
+        if messages:
+            newest = GemstoneID.from_int(messages[-1].id).timestamp
+            windows[(topic, client_id)] = max(since, newest - LAG_S * _units_per_second(newest))
+    return queued
+
+
+def _units_per_second(timestamp: float) -> float:
+    # GemstoneID timestamps are milliseconds since an epoch in rusticai-core 1.4; seconds
+    # would be far smaller numbers. Either way the window is LAG_S of real time.
+    return 1000.0 if timestamp > 1e10 else 1.0
+
+
+_sweeping = threading.local()
+_sweep_lock = threading.Lock()
+
+
+def _sweep_quietly(manager: Any) -> None:
+    """One sweep; a failure (Redis away) marks the manager dirty, so the next live delivery sweeps first."""
+    with _sweep_lock:
+        _sweeping.active = True
+        try:
+            if queued := _sweep_once(manager):
+                log.warning("queued %d messages the live feed had missed (a reconnect)", queued)
+            manager.__dict__["_rk8s_dirty"] = False
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next sweep tries again
+            manager.__dict__["_rk8s_dirty"] = True
+            log.debug("backlog sweep failed: %s", exc)
+        finally:
+            _sweeping.active = False
+
+
+def _start_sweeper(manager: Any) -> None:
+    """The library's live feed silently misses what is published while its pub/sub connection
+    is down (redis-py reconnects and re-subscribes by itself, without telling it), so the
+    backlog is read again every SWEEP_S; the queue's id memory drops what it already has.
+    One range read per subscription per sweep, usually empty."""
+    if manager.__dict__.get("_rk8s_sweeper") is not None:
+        return
+
+    def sweep() -> None:
+        while not manager.shutdown_event.wait(SWEEP_S):
+            _sweep_quietly(manager)
+
+    thread = threading.Thread(target=sweep, name="rk8s-backlog-sweep", daemon=True)
+    manager.__dict__["_rk8s_sweeper"] = thread
+    thread.start()
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+
+_registry_lock = threading.Lock()
+
+
+def _seen_ids(manager: Any, client_id: str) -> _Seen:
+    with _registry_lock:
+        table = manager.__dict__.setdefault("_rk8s_seen", {})
+        seen = table.get(client_id)
+        if seen is None:
+            seen = table[client_id] = _Seen()
+        return seen
