@@ -27,7 +27,7 @@ class FakeRegistry:
         self.peers: tuple[str, ...] = ()
         self.calls = 0
 
-    async def heartbeat(self, host, agents, *, hold_max_s=0.0) -> HeartbeatResult:
+    async def heartbeat(self, host, agents, *, hold_max_s=0.0, fresh=False) -> HeartbeatResult:
         self.calls += 1
         if self.mode == "down":
             raise RegistryUnavailableError("Redis unreachable (test)")

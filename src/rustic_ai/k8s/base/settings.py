@@ -173,7 +173,7 @@ class HostSettings(_RedisSettings):
         "0 = automatic: lease_s - fence_margin_s - 2 * lease_renew_s, at most 1 s.",
     )
     hold_max_s: float = _field(
-        60.0, HOST_PREFIX + "HOLD_MAX_S",
+        45.0, HOST_PREFIX + "HOLD_MAX_S",
         "When no host can reach Redis nobody can adopt, so agents keep running (their deadline is extended on "
         "every peer host's word that it cannot reach Redis either) for at most this long after the host last "
         "reached Redis; then they stop and start again once Redis answers. Fleet-wide: use one value.",
@@ -264,6 +264,11 @@ class HostSettings(_RedisSettings):
             "lease_s - fence_margin_s - fence_grace_s must exceed lease_renew_s (else agents stop between renewals)",
         )
         self._require(self.hold_max_s >= 0, "hold_max_s", "must not be negative")
+        self._require(
+            self.agent_ttl_s > self.hold_max_s + self.lease_s, "agent_ttl_s",
+            "must exceed hold_max_s + lease_s (an agent's entry must outlive the longest hold, or a stop made "
+            "during it could be undone when the host re-registers)",
+        )
         self._require(self.max_restarts >= 0, "max_restarts", "must not be negative")
         self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
         self._require(self.stop_grace_s >= 0, "stop_grace_s", "must not be negative")

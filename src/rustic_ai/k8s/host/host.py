@@ -117,7 +117,7 @@ class AgentHost:
             hold_max_s=settings.hold_max_s,
             agents_every_s=settings.heartbeat_s,
             host_record=self.health,
-            agents=lambda: [k for k, s in self.agents.items() if s.claimed and not s.done],
+            agents=lambda: [k for k, s in self.agents.items() if s.claimed and not s.settling],
             ask_peers=self._ask_peers,
             on_result=self._on_renewal,
             on_deadline=self._extend_agents,

@@ -126,7 +126,8 @@ class Lease:
         agents = list(self._agents()) if include_agents else []
         try:
             async with asyncio.timeout(self.renew_s):
-                result = await self._registry.heartbeat(self._host_record(), agents, hold_max_s=self.hold_max_s)
+                result = await self._registry.heartbeat(self._host_record(), agents, hold_max_s=self.hold_max_s,
+                                                        fresh=self.beats == 0)
         except (RegistryUnavailableError, TimeoutError) as exc:
             if not self._outage_logged:
                 log.warning("lease renewal failed: %s", exc or "timed out")

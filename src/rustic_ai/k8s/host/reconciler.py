@@ -65,17 +65,25 @@ class Reconciler:
         self.adopted = 0
 
     async def run(self) -> None:
+        """Two loops: reaping must go on while an adoption waits for a slow agent to start."""
         # A random phase keeps the hosts of a fleet from ticking in lock step.
         await asyncio.sleep(random.uniform(0, self._interval_s))
+        await asyncio.gather(self._loop(self._reap_round, "reap"), self._loop(self.adopt_round, "adopt"))
+
+    async def _loop(self, round_, what: str) -> None:
         while True:
             try:
-                async with asyncio.timeout(max(5.0, 4 * self._interval_s)):
-                    await self.tick()
+                await round_()
             except (RegistryUnavailableError, TimeoutError) as exc:
-                log.debug("reconcile skipped, registry unreachable: %s", exc)
+                log.debug("%s skipped, registry unreachable: %s", what, exc)
             except Exception:  # noqa: BLE001 - one bad round must not end failover for good
-                log.exception("reconcile round failed")
+                log.exception("%s round failed", what)
             await asyncio.sleep(self._interval_s)
+
+    async def _reap_round(self) -> None:
+        if self._lease.valid() and self._lease.beats:
+            async with asyncio.timeout(max(5.0, 4 * self._interval_s)):
+                await self._reap()
 
     async def wait_no_reap_in_flight(self) -> bool:
         """Returns once no reap of ours can still take effect (answered, or too late to run)."""
@@ -91,12 +99,16 @@ class Reconciler:
         return True
 
     async def tick(self) -> int:
-        if self._lease.valid() and self._lease.beats:
-            await self._reap()
+        """One reap and one adoption round (tests call it directly)."""
+        await self._reap_round()
+        return await self.adopt_round()
+
+    async def adopt_round(self) -> int:
+        """Takes orphans into this host's in-progress list and adopts them; each is settled (acked,
+        or queued again) only once its launch has an outcome, however long the launch takes."""
         room = min(self._free_slots(), self._batch)
-        if room <= 0:
-            return 0
-        keys = await self._registry.pop_orphans(room, self._address())
+        # With no room, asking for 0 gives back anything still in our in-progress list.
+        keys = await self._registry.pop_orphans(max(room, 0), self._address())
         if not keys:
             return 0
         results = await asyncio.gather(*(self._adopt_one(k) for k in keys))
@@ -133,10 +145,12 @@ class Reconciler:
         except TemporaryError as exc:
             log.warning("could not adopt %s now (%s); queued again", key, exc)
             try:
-                await self._registry.requeue_orphans([key], self._address())
+                # Pushed, not moved back: our in-progress list may have given it back while the
+                # launch ran (a smaller pop). Queued twice is harmless (the claim settles it).
+                await self._registry.push_orphans([key])
             except RegistryUnavailableError:
-                pass  # still in our in-progress list: the next tick returns it
-            return 0
+                return 0  # still in our in-progress list (or the queue): the next round sees it
+
         except PermanentError as exc:
             log.error("orphan %s cannot be launched and is dropped: %s", key, exc)
         try:

@@ -91,6 +91,7 @@ class AgentSupervisor:
         self.adopting = adopting  # launched from the orphan queue or a fence: only if still desired
         self.proc: AgentProcess | None = None
         self.claimed = False  # its record is in Redis under this host (the lease renews its TTL)
+        self.settling = False  # ended; removing or handing off its record (the lease no longer renews it)
         self.kill_reason = ""  # why the host killed the process itself (memory limit): its exit is a crash
         self._stop: _Stop | None = None
         self._stop_requested = asyncio.Event()
@@ -215,6 +216,8 @@ class AgentSupervisor:
             if first:
                 self._started.set_exception(exc)
             return None
+        if not first and not await self._claim_again():
+            return None
         self.record.state = AgentState.STARTING
         launch = asyncio.create_task(self._start_process(), name=f"agent-launch:{self.key}")
         stop = asyncio.create_task(self._stop_requested.wait())
@@ -285,6 +288,21 @@ class AgentSupervisor:
                 raise AgentAlreadyExistsError(f"agent {self.key} is already running on host {claim.owner}")
             raise AgentAlreadyExistsError(f"agent {self.key} is no longer wanted (stopped meanwhile)")
         self.claimed = True
+
+    async def _claim_again(self) -> bool:
+        """Before a restart: the agent may have been reaped and adopted while it waited out its
+        backoff (this host paused or cut off meanwhile). Only an exclusive claim says it is ours."""
+        record = dataclasses.replace(self.snapshot(), state=AgentState.STARTING)
+        try:
+            claim = await asyncio.wait_for(self.ctx.registry.claim_agent(record), REGISTRY_STEP_S)
+        except (RegistryUnavailableError, TimeoutError) as exc:
+            self.record.output = [f"restart failed: cannot claim the agent: {exc}"]
+            return False
+        if not claim.ok:
+            log.info("not restarting %s: %s owns it now", self.key, claim.owner)
+            self.request_stop(f"another host ({claim.owner}) owns this agent now", 0.0, lost=True)
+            return False
+        return True
 
     async def _watch(self, proc: AgentProcess) -> str:
         """Until the process ends or a stop is asked for; repairs the record meanwhile."""
@@ -395,7 +413,8 @@ class AgentSupervisor:
         if not claim.ok:
             why = f"another host ({claim.owner}) owns it now" if claim.owner else "no longer wanted"
             log.info("not taking %s back after fencing: %s", self.key, why)
-            self._stop = _Stop(f"fenced; {why}", 0.0, hand_off=False, lost=True)
+            # Another owner's record is theirs; an unwanted agent's record is ours to remove.
+            self._stop = _Stop(f"fenced; {why}", 0.0, hand_off=False, lost=bool(claim.owner))
             return False
         self.claimed = True
         return True
@@ -435,11 +454,14 @@ class AgentSupervisor:
             record.state = AgentState.STOPPED
             if stop is not None:
                 record.reason = stop.reason
-        self.ctx.finished(self)
         if not self._started.done():
             self._started.set_exception(HostUnavailableError(f"agent {self.key} stopped before it started"))
+        # Settled while still in the table: a new launch of the same agent waits (ALREADY_EXISTS)
+        # instead of racing this clean-up, which could otherwise remove or queue its record.
+        self.settling = True
         if self.claimed:
             await self._settle_record(outcome, stop)
+        self.ctx.finished(self)
         if stop is not None:
             self.ctx.on_event("stop")
         log.info("agent %s %s (%s), exit code %s", self.key, record.state, record.reason, record.exit_code)

@@ -16,7 +16,9 @@ own:
 * ``kill_at`` is armed as a kernel timer (``setitimer(ITIMER_REAL)``, SIGALRM with its
   default action: terminate). The kernel delivers it whatever the process's threads are
   doing, and a process thawed after the instant dies before any of its code runs again.
-  The thread also SIGKILLs the process at ``kill_at`` in case agent code took SIGALRM over.
+  The thread also SIGKILLs the process group just after ``kill_at`` in case agent code took
+  SIGALRM over. (The timer ends the agent process only: helpers an agent starts should arm
+  PR_SET_PDEATHSIG themselves, as multiprocessing workers of a dead parent do not stop.)
 
 End of file on the pipe means the host is gone: no more extensions come, the current
 deadline stands (PR_SET_PDEATHSIG normally ends the process sooner). The timing argument —
@@ -37,6 +39,8 @@ from collections.abc import Callable
 from .control import decode_deadline
 
 log = logging.getLogger(__name__)
+
+BACKSTOP_AFTER_S = 0.1  # well inside the fence margin (docs/architecture.md, "Fencing")
 
 
 class LeaseFence(threading.Thread):
@@ -106,7 +110,12 @@ class LeaseFence(threading.Thread):
                 break
             self._read(left)
         # Stopping cleanly; the kernel timer is armed for kill_at. Should agent code have
-        # replaced SIGALRM's default action, this is the last word.
+        # replaced SIGALRM's default action, this is the last word — a moment after, so the
+        # timer's SIGALRM (exit -14, read by the host as a fence) normally comes first — and
+        # it takes the agent's helper processes (its process group) along.
         assert self.kill_at is not None
-        time.sleep(max(0.0, self.kill_at - time.monotonic()))
-        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(max(0.0, self.kill_at + BACKSTOP_AFTER_S - time.monotonic()))
+        try:
+            os.killpg(0, signal.SIGKILL)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)

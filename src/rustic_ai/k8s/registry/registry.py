@@ -287,13 +287,14 @@ class LocationRegistry:
 
     # -- hosts -----------------------------------------------------------------------------
 
-    async def heartbeat(self, host: HostRecord, agents: Iterable[AgentKey], *, hold_max_s: float = 0.0
-                        ) -> HeartbeatResult:
+    async def heartbeat(self, host: HostRecord, agents: Iterable[AgentKey], *, hold_max_s: float = 0.0,
+                        fresh: bool = False) -> HeartbeatResult:
         """Renews the host's lease and all its agents' TTLs in one round trip.
 
         ``hold_max_s``: the longest this host keeps agents running through an outage after
         this renewal (host/lease.py); recorded so a reaper that this host never heard of
-        waits at least that long (REAP_HOSTS).
+        waits at least that long (REAP_HOSTS). ``fresh``: the first renewal of this process
+        (a restart at the same address): it counts as registering anew.
         """
         k = self.keys
         agent_list = list(agents)
@@ -313,7 +314,7 @@ class LocationRegistry:
                 keys=[k.host(host.address), k.hosts, k.host_agents(host.address), k.hosts_meta,
                       *(k.agent(a) for a in agent_list)],
                 args=[self.host_ttl_ms, self.agent_ttl_ms, host.address, len(fields), int(hold_max_s * 1000),
-                      f"{k.prefix}:host:", *flat, *(k.member(a) for a in agent_list)],
+                      f"{k.prefix}:host:", *flat, "1" if fresh else "0", *(k.member(a) for a in agent_list)],
             )
         return HeartbeatResult(
             missing=[agent_list[i - 1] for i in missing],
@@ -389,7 +390,7 @@ class LocationRegistry:
     async def is_agent_running(self, key: AgentKey) -> bool:
         """Live state on a host whose lease is current; one round trip."""
         async with self._guard("is_agent_running"):
-            return bool(await self._is_running(keys=[self.keys.agent(key)]))
+            return bool(await self._is_running(keys=[self.keys.agent(key)], args=[Keys.member(key)]))
 
     async def list_guild(self, guild_id: str) -> list[AgentRecord]:
         """Every agent entry of a guild (any state), in one round trip."""

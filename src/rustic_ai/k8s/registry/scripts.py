@@ -23,7 +23,12 @@ if old_host and old_host ~= ARGV[4] then
     local state = redis.call('HGET', KEYS[1], 'state')
     local old_host_key = redis.call('HGET', KEYS[1], 'host_key')
     local live = state == 'starting' or state == 'running' or state == 'restarting' or state == 'stopping'
-    if live and old_host_key and redis.call('EXISTS', old_host_key) == 1 then
+    local old_set = redis.call('HGET', KEYS[1], 'host_set')
+    -- Owned means: a current lease *and* the member in that host's set. A reaped host's
+    -- members were moved to the orphan queue; a late renewal that revived its lease does
+    -- not make them its own again.
+    if live and old_host_key and redis.call('EXISTS', old_host_key) == 1
+        and old_set and redis.call('SISMEMBER', old_set, ARGV[2]) == 1 then
       return {'conflict', old_host}
     end
   end
@@ -70,7 +75,7 @@ return 1
 
 # KEYS: host hash, hosts set, host-agents set, hosts meta hash, agent hash 1..n
 # ARGV: host ttl ms, agent ttl ms, address, n field pairs, hold max ms, host key prefix,
-#       field, value, ..., member 1..n
+#       field, value, ..., fresh ("1": first renewal of this process), member 1..n
 # Renews the host lease and every agent the host runs in one round trip. Returns
 # {missing indexes, lost indexes, host_was_missing, drain, live peers, redis ms}:
 # missing = entry gone (expired or Redis restarted: re-register it), lost = another host
@@ -93,10 +98,16 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
 local seq = redis.call('HINCRBY', KEYS[4], '|seq', 1)
-redis.call('HSETNX', KEYS[4], ARGV[3] .. '|since', seq)
+if host_existed == 0 or ARGV[7 + npairs * 2 - 1] == '1' then
+  -- A host whose lease had gone (or a new process at this address) was in nobody's peer
+  -- list meanwhile: it counts as registering now.
+  redis.call('HSET', KEYS[4], ARGV[3] .. '|since', seq)
+else
+  redis.call('HSETNX', KEYS[4], ARGV[3] .. '|since', seq)
+end
 redis.call('HSET', KEYS[4], ARGV[3] .. '|renewed', now_ms .. ' ' .. ARGV[5] .. ' ' .. seq)
 local missing, lost = {}, {}
-local first_member = 7 + npairs * 2
+local first_member = 8 + npairs * 2
 for i = 5, #KEYS do
   local owner = redis.call('HGET', KEYS[i], 'host')
   local idx = i - 4
@@ -105,8 +116,13 @@ for i = 5, #KEYS do
   elseif owner ~= ARGV[3] then
     table.insert(lost, idx)
     redis.call('SREM', KEYS[3], ARGV[first_member + idx - 1])
+  elseif host_existed == 0 then
+    -- Our lease had lapsed: we may have been reaped and our agents queued for others. Do not
+    -- refresh them behind the queue's back; report them, and the host claims each again.
+    table.insert(missing, idx)
   else
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    redis.call('SADD', KEYS[3], ARGV[first_member + idx - 1])
   end
 end
 local peers = {}
@@ -166,15 +182,17 @@ end
 return out
 """
 
-# KEYS: agent hash. 1 if the agent is starting/running/restarting on a host whose lease
-# is current: an agent of a host that died stops counting once its lease lapses, even
-# though its own (longer) TTL has not run out yet.
+# KEYS: agent hash; ARGV: member. 1 if the agent is starting/running/restarting on a host
+# whose lease is current and whose agent set holds it: an agent of a host that died stops
+# counting once its lease lapses (its own, longer TTL notwithstanding), and one whose host
+# was reaped stops counting even if a late renewal revived that host's lease.
 IS_RUNNING = """
-local v = redis.call('HMGET', KEYS[1], 'state', 'host_key')
-local state, host_key = v[1], v[2]
+local v = redis.call('HMGET', KEYS[1], 'state', 'host_key', 'host_set')
+local state, host_key, host_set = v[1], v[2], v[3]
 if not (state == 'starting' or state == 'running' or state == 'restarting') then return 0 end
-if not host_key then return 0 end
-return redis.call('EXISTS', host_key)
+if not host_key or redis.call('EXISTS', host_key) == 0 then return 0 end
+if not host_set then return 1 end
+return redis.call('SISMEMBER', host_set, ARGV[1])
 """
 
 # KEYS: hosts set, orphans list, hosts meta hash
