@@ -18,6 +18,12 @@ two gaps in it lose or repeat messages under the faults this engine is built to 
   the same process. Fix: each client's queue accepts a message id once (a bounded memory of
   recent ids per client); the replay fix above relies on this too, since a replay after a
   reconnect overlaps what arrived live.
+* **Lost by the next copy.** The queue is not in id order (a live message can overtake the
+  replay), and the saved position is simply the last id handled, so it can move past a
+  message still waiting; a copy started from it later (after a crash, a fence, a move)
+  never sees that message — nor the backlog a new copy had not even read yet when a live
+  message overtook it. Fix: the position saved is never past the oldest message still
+  queued, nor past where this copy started before its first replay was queued.
 
 Both are small wrappers around the library's own methods (``_enqueue_for_client``,
 ``_resubscribe_all``, ``_setup_internal``), installed by ``install()`` when the agent's messaging backend is
@@ -30,10 +36,13 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
+import types
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+HOLD_LIVE_S = 2.0  # how long a live delivery after an outage waits for the backlog sweep to succeed
 REMEMBERED_IDS = 20_000  # per client: far more than can be in flight between a feed and a replay
 
 
@@ -46,6 +55,7 @@ def install() -> bool:
     if getattr(RedisPubSubManager, "_rk8s_delivery_fixed", False):
         return True
     original_enqueue = RedisPubSubManager._enqueue_for_client
+    original_save = RedisPubSubManager._save_position
     original_resubscribe = RedisPubSubManager._resubscribe_all
     original_setup = RedisPubSubManager._setup_internal
     original_replay = RedisPubSubManager._replay_backlog
@@ -55,8 +65,14 @@ def install() -> bool:
         if self.__dict__.get("_rk8s_dirty") and not getattr(_sweeping, "active", False):
             # The first delivery after Redis was unreachable: queue what the feed missed
             # meanwhile *before* it, so nothing newer is handled (and its position saved)
-            # ahead of an older message still missing.
-            _sweep_quietly(self)
+            # ahead of an older message still missing — a copy started from that position
+            # later would never see the older one. Held (briefly) until a sweep succeeds.
+            deadline = time.monotonic() + HOLD_LIVE_S
+            while True:
+                _sweep_quietly(self)
+                if not self.__dict__.get("_rk8s_dirty") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)  # Redis is answering the feed but not yet the read: retry shortly
         seen = _seen_ids(self, client_id)
         with seen.lock:
             if message.id in seen.ids:
@@ -64,14 +80,35 @@ def install() -> bool:
             seen.ids[message.id] = None
             while len(seen.ids) > REMEMBERED_IDS:
                 seen.ids.popitem(last=False)
+            seen.pending.setdefault(topic, set()).add(message.id)
         original_enqueue(self, client_id, namespace, topic, handler, message)
+
+    def _save_position(self: Any, client_id: str, topic: str, message_id: int) -> None:
+        # The saved position is where a later copy of this agent starts. The queue is not in id
+        # order (live messages can overtake a replay), so never save past a message still
+        # waiting in it: save just below the oldest one pending, or the newest handled.
+        seen = _seen_ids(self, client_id)
+        with seen.lock:
+            pending = seen.pending.setdefault(topic, set())
+            pending.discard(message_id)
+            best = seen.best[topic] = max(seen.best.get(topic, 0), message_id)
+            safe = min(min(pending) - 1, best) if pending else best
+            if topic not in seen.replayed:
+                # The first replay has not queued the backlog yet: a live message handled now
+                # may be newer than backlog messages this process has not even read.
+                safe = min(safe, self.__dict__.get("_rk8s_floors", {}).get((topic, client_id), safe))
+        original_save(self, client_id, topic, safe)
 
     def _resubscribe_all(self: Any) -> None:  # the library's path when its pub/sub thread died
         original_resubscribe(self)
         _replay_all(self)
 
     def _setup_internal(self: Any) -> None:
+        resetup = self.__dict__.get("_rk8s_sweeper") is not None
         original_setup(self)
+        if resetup:  # the library rebuilt its pub/sub connection: whatever was missed comes first
+            self.__dict__["_rk8s_dirty"] = True
+        _watch_reconnects(self)
         _start_sweeper(self)
 
     def _replay_backlog(self: Any, topic: str, client_id: str, handler: Any, namespace: Any) -> None:
@@ -79,8 +116,12 @@ def install() -> bool:
         self.__dict__.setdefault("_rk8s_floors", {}).setdefault(
             (topic, client_id), self._load_position(client_id, topic))
         original_replay(self, topic, client_id, handler, namespace)
+        seen = _seen_ids(self, client_id)
+        with seen.lock:
+            seen.replayed.add(topic)
 
     RedisPubSubManager._enqueue_for_client = _enqueue_for_client
+    RedisPubSubManager._save_position = _save_position
     RedisPubSubManager._resubscribe_all = _resubscribe_all
     RedisPubSubManager._setup_internal = _setup_internal
     RedisPubSubManager._replay_backlog = _replay_backlog
@@ -163,6 +204,25 @@ def _sweep_quietly(manager: Any) -> None:
             _sweeping.active = False
 
 
+def _watch_reconnects(manager: Any) -> None:
+    """redis-py's PubSub may reconnect and re-subscribe by itself (its ``on_connect``) without the
+    library noticing; mark the manager dirty then, so the next live delivery sweeps first."""
+    pubsub = manager.pubsub
+    if pubsub is None:
+        return
+    resubscribe = pubsub.on_connect
+    connects = [0]
+
+    def on_connect(_pubsub: Any, connection: Any) -> None:
+        resubscribe(connection)
+        connects[0] += 1
+        if connects[0] > 1:
+            manager.__dict__["_rk8s_dirty"] = True
+
+    # Bound (redis-py keeps a WeakMethod of it), and set before the first subscribe registers it.
+    pubsub.on_connect = types.MethodType(on_connect, pubsub)
+
+
 def _start_sweeper(manager: Any) -> None:
     """The library's live feed silently misses what is published while its pub/sub connection
     is down (redis-py reconnects and re-subscribes by itself, without telling it), so the
@@ -184,6 +244,9 @@ class _Seen:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.pending: dict[str, set[int]] = {}  # topic -> ids queued and not yet handled
+        self.best: dict[str, int] = {}  # topic -> the newest id handled
+        self.replayed: set[str] = set()  # topics whose first backlog replay has been queued
 
 
 _registry_lock = threading.Lock()
