@@ -1,6 +1,6 @@
 """The failure model (docs/architecture.md): real hosts, real agents, a real Redis.
 
-Leases are shortened (2 s) so the suite stays fast; the defaults are measured by
+Leases are shortened (3 s) so the suite stays fast; the defaults are measured by
 `scripts/dev bench --only failover` instead.
 """
 
@@ -23,7 +23,7 @@ from support.proxy import CuttableProxy
 from support.redis_server import RedisServer
 
 FAST = {
-    "RUSTIC_AGENT_HOST_LEASE_S": "2",
+    "RUSTIC_AGENT_HOST_LEASE_S": "3",
     "RUSTIC_AGENT_HOST_LEASE_RENEW_S": "0.4",
     "RUSTIC_AGENT_HOST_FENCE_MARGIN_S": "0.6",
     "RUSTIC_AGENT_HOST_RESTART_BACKOFF_S": "0.2",

@@ -29,9 +29,10 @@ from .redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 
-# Short leases keep every fault short: lease 2 s, renewed every 0.4 s, fenced 0.6 s before it lapses.
+# Short leases keep every fault short: lease 3 s, renewed every 0.4 s, agents dead 0.6 s before it lapses
+# (room enough for the hosts to agree on a hold when Redis is gone for everyone).
 FAST_ENV = {
-    "RUSTIC_AGENT_HOST_LEASE_S": "2",
+    "RUSTIC_AGENT_HOST_LEASE_S": "3",
     "RUSTIC_AGENT_HOST_LEASE_RENEW_S": "0.4",
     "RUSTIC_AGENT_HOST_FENCE_MARGIN_S": "0.6",
     "RUSTIC_AGENT_HOST_RESTART_BACKOFF_S": "0.1",
@@ -39,7 +40,7 @@ FAST_ENV = {
     "RUSTIC_AGENT_HOST_MAX_RESTARTS": "1000",  # these tests are about exactly-once, not the limit
     "RUSTIC_AGENT_HOST_STOP_GRACE_S": "2",
 }
-LEASE_S = 2.0
+LEASE_S = 3.0
 
 
 def ledger_spec(agent_id: str, class_name: str | None = None):

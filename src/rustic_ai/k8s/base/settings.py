@@ -170,7 +170,7 @@ class HostSettings(_RedisSettings):
     fence_grace_s: float = _field(
         0.0, HOST_PREFIX + "FENCE_GRACE_S",
         "Seconds before that deadline an agent starts stopping cleanly (finishing the message in hand); "
-        "0 = automatic: lease_s - fence_margin_s - 2 * lease_renew_s, at most 1 s.",
+        "0 = automatic: a third of lease_s - fence_margin_s - lease_renew_s, at most 1 s.",
     )
     hold_max_s: float = _field(
         45.0, HOST_PREFIX + "HOLD_MAX_S",
@@ -247,7 +247,9 @@ class HostSettings(_RedisSettings):
         """How long before the hard deadline an agent starts stopping cleanly (fence_grace_s, or derived)."""
         if self.fence_grace_s > 0:
             return self.fence_grace_s
-        return max(0.05, min(1.0, self.lease_s - self.fence_margin_s - 2 * self.lease_renew_s))
+        # A third of what is left after one renewal interval: room for a clean stop, and room
+        # before it for a renewal that was slow or a hold that is still being asked for.
+        return max(0.05, min(1.0, (self.lease_s - self.fence_margin_s - self.lease_renew_s) / 3))
 
     def validate(self) -> None:
         self._require(self.capacity > 0, "capacity", "must be at least 1")

@@ -338,7 +338,7 @@ class AgentHost:
         if self.state != HostState.SERVING or requester == self.address:
             return 0.0
         try:
-            async with asyncio.timeout(min(GRANT_PING_S, self.settings.lease_renew_s)):
+            async with asyncio.timeout(min(GRANT_PING_S, self.settings.lease_renew_s / 2)):
                 await self.registry.ping()
             return 0.0
         except (RegistryUnavailableError, TimeoutError):
