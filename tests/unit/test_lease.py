@@ -9,6 +9,7 @@ succeeded, measured from when that renewal *started*; a renewal that hangs is cu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -86,8 +87,7 @@ async def test_the_loop_pushes_deadlines_to_agents_only_while_renewals_succeed()
     registry = FakeRegistry()
     lease, deadlines, _ = make_lease(registry, grants=[0.0])
     registry.peers = ("h2:1",)
-    task = asyncio.create_task(lease.run())
-    try:
+    async with running(lease):
         await _until(lambda: len(deadlines) >= 3)
         registry.mode = "down"
         await asyncio.sleep(4 * RENEW_S)  # let failed renewals happen: what is pushed must not move
@@ -98,9 +98,6 @@ async def test_the_loop_pushes_deadlines_to_agents_only_while_renewals_succeed()
         assert lease.hold_until == 0.0  # the peer refused: we are the one cut off
         registry.mode = "ok"
         await _until(lambda: deadlines[-1][1] > last[1])
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_hold_needs_every_peer_and_never_passes_hold_max():
@@ -109,16 +106,12 @@ async def test_a_hold_needs_every_peer_and_never_passes_hold_max():
     lease, _, asked = make_lease(registry, grants=[LEASE_S, LEASE_S], hold_max_s=2.2)
     await lease.renew()
     registry.mode = "down"
-    task = asyncio.create_task(lease.run())
-    try:
+    async with running(lease):
         await _until(lambda: lease.hold_until > 0)
         assert asked and asked[-1] == ["h2:1", "h3:1"]
         assert lease.kill_at > lease.valid_until
         await asyncio.sleep(0.4)  # keep asking: the hold grows, but only up to the cap
         assert lease.kill_at == pytest.approx(lease.last_ok + 2.2 - MARGIN_S)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_one_refusing_peer_means_no_hold():
@@ -127,13 +120,9 @@ async def test_one_refusing_peer_means_no_hold():
     lease, _, asked = make_lease(registry, grants=[LEASE_S, 0.0])
     await lease.renew()
     registry.mode = "down"
-    task = asyncio.create_task(lease.run())
-    try:
+    async with running(lease):
         await _until(lambda: len(asked) >= 2)
         assert lease.hold_until == 0.0
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_next_renewal_resolves_on_success_only():
@@ -146,6 +135,17 @@ async def test_next_renewal_resolves_on_success_only():
     registry.mode = "ok"
     await lease.renew()
     assert waiter.done()
+
+
+@contextlib.asynccontextmanager
+async def running(lease: Lease):
+    """The lease's renewal loop, for the body of a ``with``; cancelled after it."""
+    task = asyncio.create_task(lease.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _until(predicate, timeout: float = 5.0) -> None:

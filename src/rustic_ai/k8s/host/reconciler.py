@@ -1,6 +1,6 @@
 """Re-placing agents whose host is gone: dead hosts are reaped, orphans adopted.
 
-Every host runs this loop. A tick (1) reaps hosts whose lease lapsed — one atomic script
+Every host runs this, as two loops: (1) reaps hosts whose lease lapsed — one atomic script
 moves their agents onto the fleet's orphan queue, so exactly one reaper takes each dead
 host's agents — and (2) takes as many orphans as this host has room for into its own
 in-progress list and launches them here through the normal create path; each is
@@ -97,11 +97,6 @@ class Reconciler:
             except TimeoutError:
                 pass
         return True
-
-    async def tick(self) -> int:
-        """One reap and one adoption round (tests call it directly)."""
-        await self._reap_round()
-        return await self.adopt_round()
 
     async def adopt_round(self) -> int:
         """Takes orphans into this host's in-progress list and adopts them; each is settled (acked,
