@@ -332,9 +332,10 @@ class AgentHost:
             started_at=self.started_at,
         )
 
-    async def grant_hold(self, requester: str) -> float:
+    async def grant_hold(self, requester: str, lease_expires_ms: int = 0) -> float:
         """A peer cannot renew its lease. If we cannot reach Redis either, nobody can adopt its agents:
-        promise not to reap it for lease_s and say so; if we can, refuse (it is the one cut off)."""
+        promise not to reap it for lease_s and say so; if we can, refuse (it is the one cut off).
+        ``lease_expires_ms``: when the peer's entry expires on Redis's clock (0: unknown)."""
         if self.state != HostState.SERVING or requester == self.address:
             return 0.0
         try:
@@ -344,8 +345,10 @@ class AgentHost:
         except (RegistryUnavailableError, TimeoutError):
             pass
         # A reap we sent before Redis went quiet may still run when it comes back: wait until
-        # it either finished or can no longer run (the script refuses requests that arrive late).
-        if not await self.reconciler.wait_no_reap_in_flight():
+        # it either finished or can no longer run (the script refuses requests that arrive late)
+        # — unless its last instant comes before the requester's lease ends, when it cannot
+        # touch the requester. Waiting costs the requester most of its clean-stop margin.
+        if not await self.reconciler.wait_no_reap_in_flight(harmless_before_ms=lease_expires_ms):
             return 0.0
         grant = self.settings.lease_s
         self._granted[requester] = max(self._granted.get(requester, 0.0), time.monotonic() + grant)
@@ -382,7 +385,8 @@ class AgentHost:
     async def _ask_peers(self, peers: list[str]) -> list[float]:
         async def ask(address: str) -> float:
             try:
-                return await self.peers.client(address).request_hold(self.address, timeout=self.settings.lease_renew_s)
+                return await self.peers.client(address).request_hold(
+                    self.address, timeout=self.settings.lease_renew_s, lease_expires_ms=self.lease.expires_ms())
             except Exception as exc:  # noqa: BLE001 - unreachable peer: no grant
                 log.debug("hold request to %s failed: %s", address, exc)
                 return 0.0

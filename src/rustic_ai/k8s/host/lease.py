@@ -107,6 +107,12 @@ class Lease:
         """A lower bound of Redis's clock now, from the last renewal (for requests that must not run late)."""
         return self.redis_ms + int((time.monotonic() - self.redis_seen_at) * 1000)
 
+    def expires_ms(self) -> int:
+        """When Redis lets our host entry expire, on Redis's clock (the heartbeat sets it to the
+        script's own time + lease_s); 0 before the first renewal. A renewal whose answer was lost
+        only makes the real instant later."""
+        return self.redis_ms + int(self.lease_s * 1000) if self.beats else 0
+
     def next_renewal(self) -> asyncio.Future[None]:
         """A future that resolves at the next renewal that succeeds (shared by every waiter)."""
         if self._renewed is None or self._renewed.done():

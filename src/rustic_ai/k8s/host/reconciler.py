@@ -60,6 +60,7 @@ class Reconciler:
         self._spare = spare
         self._batch = batch
         self._reap_sent_at: float | None = None  # monotonic, while a reap request is unanswered
+        self._reap_sent_ms = 0  # its sent_ms (a lower bound of Redis's clock when sent)
         self._reap_done = asyncio.Event()
         self._reap_done.set()
         self.adopted = 0
@@ -85,10 +86,15 @@ class Reconciler:
             async with asyncio.timeout(max(5.0, 4 * self._interval_s)):
                 await self._reap()
 
-    async def wait_no_reap_in_flight(self) -> bool:
-        """Returns once no reap of ours can still take effect (answered, or too late to run)."""
+    async def wait_no_reap_in_flight(self, harmless_before_ms: int = 0) -> bool:
+        """Returns once no reap of ours can still take effect (answered, or too late to run), or at
+        once if the one in flight must run before ``harmless_before_ms`` (Redis's clock): it is
+        refused later than sent + validity, so it runs, if at all, while that host's lease is
+        still current, and a current lease is never reaped."""
         sent = self._reap_sent_at
         if sent is None:
+            return True
+        if harmless_before_ms and self._reap_sent_ms + int(REAP_VALIDITY_S * 1000) < harmless_before_ms:
             return True
         left = sent + REAP_VALIDITY_S + 0.1 - time.monotonic()
         if left > 0:
@@ -111,10 +117,11 @@ class Reconciler:
 
     async def _reap(self) -> None:
         self._reap_sent_at = time.monotonic()
+        self._reap_sent_ms = self._lease.redis_now_ms()
         self._reap_done.clear()
         try:
             reaped = await self._registry.reap_dead_hosts(
-                self._address(), spare=self._spare(), sent_ms=self._lease.redis_now_ms(),
+                self._address(), spare=self._spare(), sent_ms=self._reap_sent_ms,
                 validity_ms=int(REAP_VALIDITY_S * 1000),
             )
         finally:

@@ -111,9 +111,10 @@ class HostClient:
         reply = await self._call("Health", pb.HealthRequest(), timeout or self._call_timeout_s)
         return convert.host_from_pb(reply)
 
-    async def request_hold(self, requester: str, timeout: float) -> float:
+    async def request_hold(self, requester: str, timeout: float, lease_expires_ms: int = 0) -> float:
         """Asks this host for a hold (see HealthRequest.hold_for); seconds granted, 0 if refused."""
-        reply = await self._call("Health", pb.HealthRequest(hold_for=requester), timeout)
+        request = pb.HealthRequest(hold_for=requester, hold_lease_expires_ms=lease_expires_ms)
+        reply = await self._call("Health", request, timeout)
         return max(0.0, float(reply.hold_granted_s))
 
 

@@ -55,7 +55,7 @@ class HostApi(Protocol):
     async def agent_info(self, key: AgentKey, output_lines: int) -> AgentRecord: ...
     async def list_agents(self, guild_id: str) -> list[AgentRecord]: ...
     def health(self) -> HostRecord: ...
-    async def grant_hold(self, requester: str) -> float: ...
+    async def grant_hold(self, requester: str, lease_expires_ms: int = 0) -> float: ...
 
 
 class _Servicer(pb_grpc.AgentHostServiceServicer):
@@ -142,7 +142,7 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
         granted = 0.0
         if request.hold_for:
             try:
-                granted = await self.api.grant_hold(request.hold_for)
+                granted = await self.api.grant_hold(request.hold_for, request.hold_lease_expires_ms)
             except Exception:  # noqa: BLE001 - no grant is the safe answer
                 log.exception("grant_hold failed")
         reply = convert.host_to_pb(self.api.health())

@@ -132,10 +132,12 @@ class AgentInfo(_message.Message):
     def __init__(self, guild_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., class_name: _Optional[str] = ..., agent_spec_json: _Optional[bytes] = ..., host_address: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[AgentState, str]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., started_at: _Optional[float] = ..., restarts: _Optional[int] = ..., reason: _Optional[str] = ..., output: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ("hold_for",)
+    __slots__ = ("hold_for", "hold_lease_expires_ms")
     HOLD_FOR_FIELD_NUMBER: _ClassVar[int]
+    HOLD_LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
     hold_for: str
-    def __init__(self, hold_for: _Optional[str] = ...) -> None: ...
+    hold_lease_expires_ms: int
+    def __init__(self, hold_for: _Optional[str] = ..., hold_lease_expires_ms: _Optional[int] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
     __slots__ = ("host_name", "address", "agents_running", "capacity", "state", "version", "started_at", "hold_granted_s")
