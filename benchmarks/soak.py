@@ -7,9 +7,9 @@ a TCP proxy of its own, so one can be cut off), 4 ledger agents, and the checker
 ``tests/support/exactly_once.py`` — a sender publishing 20 numbered messages a second,
 each agent's own ledger and a /proc sampler; nothing the engine or the hosts report is
 believed. Faults are drawn with the seed from: agent SIGKILL, host SIGKILL, host SIGTERM
-(drain), host paused (pid, and its process group) past its lease, Redis paused (short,
-and past the lease), Redis restarted with its data and empty, one host cut off from
-Redis past its lease. A killed or drained host is replaced (a killed one after the
+(drain), host paused (pid, and its process group) 3-10 s (the lease is 3 s), Redis paused
+1 s and 2-30 s, Redis restarted with its data and empty, one host cut off from Redis past
+its lease. Durations are drawn with the seed too. A killed or drained host is replaced (a killed one after the
 fault, while the fleet recovers; a drained one first). After each fault the run
 waits (bounded) until every agent has one live process and handles new messages; an
 agent that does not is stopped and launched again, and the fault counts as not
@@ -51,10 +51,12 @@ from support.ledger_fleet import LEASE_S, LedgerFleet, ledger_spec  # noqa: E402
 PAST_LEASE_S = 1.5 * LEASE_S
 CLASSES = {  # fault class -> weight
     "agent SIGKILL": 3, "host SIGKILL": 2, "host SIGTERM (drain)": 2, "host paused (pid)": 2,
-    "host paused (group)": 1, "redis paused 1 s": 2, f"redis paused {PAST_LEASE_S:g} s": 1,
+    "host paused (group)": 1, "redis paused 1 s": 2, "redis paused 2-30 s": 2,
     "redis restarted with data": 1, "redis restarted empty": 1, "host cut off from redis": 2,
 }
 AGENTS = [f"s{i}" for i in range(4)]
+HOST_PAUSE_S = (LEASE_S, 10.0)  # the 3-10 s: from the (test) lease to past three of them
+REDIS_PAUSE_S = (2.0, 30.0)  # every host cut off at once, up to 30 s (the hold lasts up to 45 s)
 
 
 async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> None:
@@ -80,10 +82,10 @@ async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> None:
     elif kind.startswith("host paused"):
         pause = faults.paused if "pid" in kind else faults.paused_group
         with pause(host.process.pid):
-            await asyncio.sleep(PAST_LEASE_S)
+            await asyncio.sleep(rng.uniform(*HOST_PAUSE_S))
     elif kind.startswith("redis paused"):
         with faults.redis_paused(fleet.redis):
-            await asyncio.sleep(1.0 if kind.endswith(" 1 s") else PAST_LEASE_S)
+            await asyncio.sleep(1.0 if kind.endswith(" 1 s") else rng.uniform(*REDIS_PAUSE_S))
     elif kind.startswith("redis restarted"):
         with faults.redis_down(fleet.redis, keep_data=kind.endswith("with data")):
             await asyncio.sleep(1.0)

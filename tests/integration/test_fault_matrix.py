@@ -108,7 +108,9 @@ async def test_agent_sigkill():
         [pid] = fleet.live_pids("l0")
         with fleet.checker.fault("agent SIGKILL"):
             os.kill(pid, signal.SIGKILL)
+            launch = LaunchInFlight(fleet)
             await eventually(lambda: pid not in fleet.live_pids("l0"), timeout=5, what="the killed copy gone")
+        await launch.finish()
         await judge(fleet, max_twice=CRASH)
 
 
@@ -118,8 +120,10 @@ async def test_host_sigkill():
         doomed = [a for a in AGENTS if fleet.host_of(a) is victim]
         with fleet.checker.fault("host SIGKILL"):
             victim.process.kill()
+            launch = LaunchInFlight(fleet)
             await eventually(lambda: not any(fleet.live_pids(a) for a in doomed), timeout=5,
                              what="the killed host's agents died with it")
+        await launch.finish()
         await judge(fleet, max_twice=CRASH)
 
 
@@ -130,8 +134,11 @@ async def test_host_sigterm_drain_under_traffic():
     async with fleet_under_traffic() as fleet:
         victim = fleet.host_of("l0")
         with fleet.checker.fault("host SIGTERM (drain)"):
-            code = await asyncio.to_thread(victim.process.terminate, 30)
+            stopping = asyncio.create_task(asyncio.to_thread(victim.process.terminate, 30))
+            launch = LaunchInFlight(fleet)
+            code = await stopping
         assert code == 0, fleet.logs()
+        await launch.finish()
         await judge(fleet)
 
 
@@ -172,10 +179,9 @@ async def test_redis_paused(seconds):
     async with fleet_under_traffic() as fleet:
         with fleet.checker.fault(f"redis paused {seconds} s"):
             with faults.redis_paused(fleet.redis):
-                launch = LaunchInFlight(fleet) if seconds > LEASE_S else None
+                launch = LaunchInFlight(fleet)
                 await asyncio.sleep(seconds)
-        if launch is not None:
-            await launch.finish()
+        await launch.finish()
         await judge(fleet, held=AGENTS)
 
 
@@ -184,7 +190,9 @@ async def test_redis_restarted(keep_data):
     async with fleet_under_traffic() as fleet:
         with fleet.checker.fault(f"redis restarted {'with its data' if keep_data else 'empty'}"):
             with faults.redis_down(fleet.redis, keep_data=keep_data):
+                launch = LaunchInFlight(fleet)
                 await asyncio.sleep(1.0)  # down for a second: a real restart, not an instant one
+        await launch.finish()
         await judge(fleet, held=AGENTS)
 
 
@@ -197,10 +205,9 @@ async def test_one_host_cut_off_from_redis_while_the_others_are_not(mode):
         victim = fleet.host_of("l0")
         with fleet.checker.fault(f"host cut off from Redis ({mode}) {PAST_LEASE_S} s"):
             with faults.cut_off(victim.proxy, mode):
-                launch = LaunchInFlight(fleet) if mode == "stall" else None
+                launch = LaunchInFlight(fleet)
                 await asyncio.sleep(PAST_LEASE_S)
-        if launch is not None:
-            await launch.finish()
+        await launch.finish()
         await judge(fleet)
 
 
