@@ -9,10 +9,10 @@ Redis messaging backend and stamp host and pid at each hop; a local observer age
 starts the baton and prints its path. Exits 0 when the baton came back, 1 otherwise.
 
 Environment: RUSTIC_K8S_* (engine settings; RUSTIC_K8S_REDIS_URL, _USERNAME and
-_PASSWORD also locate and open the messaging Redis), DEMO_AGENTS (relay agents, default 3), DEMO_HOSTS (hosts to wait for,
-default 1), DEMO_WAIT_S (seconds to wait for hosts and for the baton, default 60).
-The image copies this file to /opt/rustic/compose_demo.py. rusticai-core's Guild API
-is synchronous, so this is a plain synchronous script.
+_PASSWORD also locate and open the messaging Redis), DEMO_AGENTS (relay agents, default
+3), DEMO_HOSTS (hosts to wait for, default 1), DEMO_WAIT_S (seconds to wait for hosts
+and for the baton, default 60). The image copies this file to /opt/rustic/compose_demo.py.
+rusticai-core's Guild API is synchronous, so this is a plain synchronous script.
 """
 
 from __future__ import annotations

@@ -174,8 +174,8 @@ async def test_the_kubelet_probe_port_answers_in_plain_text_and_the_serving_port
     async def healthcheck(*args: str) -> int:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "docker" / "healthcheck.py"), *args,
-            env={**os.environ, "RUSTIC_AGENT_HOST_HEALTH_LISTEN": deployment.host_env["RUSTIC_AGENT_HOST_HEALTH_LISTEN"],
-                 "RUSTIC_HEALTHCHECK_TIMEOUT_S": "2"},
+            env={**os.environ, "RUSTIC_HEALTHCHECK_TIMEOUT_S": "2",
+                 "RUSTIC_AGENT_HOST_HEALTH_LISTEN": deployment.host_env["RUSTIC_AGENT_HOST_HEALTH_LISTEN"]},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         async with asyncio.timeout(30):
             return await proc.wait()
@@ -222,8 +222,8 @@ async def test_compose_redis_and_demo_run_a_guild_with_the_password(key_prefix, 
         host_env = {**compose_env("agent-host"), "RUSTIC_K8S_REDIS_URL": url,
                     "RUSTIC_AGENT_HOST_LISTEN": f"127.0.0.1:{host_port}", "RUSTIC_AGENT_HOST_ADVERTISE": ""}
         host = HostProcess(url, key_prefix, name="compose-host", env=host_env)
-        demo_env = {**os.environ, **compose_env("demo"), "RUSTIC_K8S_REDIS_URL": url, "RUSTIC_K8S_KEY_PREFIX": key_prefix,
-                    "RUSTIC_K8S_DNS_NAME": "localhost", "RUSTIC_K8S_DNS_PORT": str(host_port), "DEMO_AGENTS": "2",
+        demo_env = {**os.environ, **compose_env("demo"), "RUSTIC_K8S_REDIS_URL": url,
+                    "RUSTIC_K8S_KEY_PREFIX": key_prefix, "RUSTIC_K8S_DNS_NAME": "localhost", "RUSTIC_K8S_DNS_PORT": str(host_port), "DEMO_AGENTS": "2",
                     "DEMO_HOSTS": "1", "DEMO_WAIT_S": "30"}
         proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "docker" / "compose_demo.py"),
                                                     env=demo_env, stdout=asyncio.subprocess.PIPE,

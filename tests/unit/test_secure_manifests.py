@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from rustic_ai.k8s import HostSettings
 from rustic_ai.k8s.cli import certs
+from rustic_ai.k8s.cli.main import main as cli_main
 from support.manifests import K8S, OVERLAYS, ROOT, Mounts, container, env_of, find, kustomize, pod_spec
 
 K8S_VERSION = "1.37.0"
@@ -35,8 +36,15 @@ ENGINE_POD_LABELS = {"app.kubernetes.io/component": "engine"}  # what docs/deplo
 
 
 def run_certs(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, `python -m rustic_ai.k8s.cli.main certs ...`."""
     return subprocess.run([sys.executable, "-m", "rustic_ai.k8s.cli.main", "certs", *args],
                           capture_output=True, text=True, timeout=60, check=False)
+
+
+def certs_main(capsys, *args: str) -> tuple[int, str]:
+    """The same CLI in this process (no interpreter start per call): exit code and stderr."""
+    code = cli_main(["certs", *args])
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -275,18 +283,19 @@ def test_the_engine_certificate_is_a_client_certificate_under_the_fleet_ca(issue
         assert (issued / secret / "ca.crt").read_bytes() == (issued / "ca" / "ca.crt").read_bytes()
 
 
-def test_running_certs_again_rotates_the_leaves_under_the_same_ca_and_keeps_the_password(tmp_path):
+def test_running_certs_again_rotates_the_leaves_under_the_same_ca_and_keeps_the_password(tmp_path, capsys):
     out = tmp_path / "s"
-    assert run_certs("--out", str(out), "--engine", "reporting").returncode == 0
+    assert certs_main(capsys, "--out", str(out), "--engine", "reporting")[0] == 0
     first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    run = run_certs("--out", str(out), "--engine", "reporting")
-    assert run.returncode == 0, run.stderr
+    code, err = certs_main(capsys, "--out", str(out), "--engine", "reporting")
+    assert code == 0, err
     assert (out / "ca" / "ca.crt").read_bytes() == first[out / "ca" / "ca.crt"]
     assert (out / certs.REDIS_SECRET / "password").read_bytes() == first[out / certs.REDIS_SECRET / "password"]
     renewed = load_cert(out / "reporting-tls" / "tls.crt")
-    assert renewed.serial_number != x509.load_pem_x509_certificate(first[out / "reporting-tls" / "tls.crt"]).serial_number
+    before = x509.load_pem_x509_certificate(first[out / "reporting-tls" / "tls.crt"])
+    assert renewed.serial_number != before.serial_number
     renewed.verify_directly_issued_by(load_cert(out / "ca" / "ca.crt"))
-    assert run_certs("--out", str(out), "--engine", "reporting", "--new-redis-password").returncode == 0
+    assert certs_main(capsys, "--out", str(out), "--engine", "reporting", "--new-redis-password")[0] == 0
     assert (out / certs.REDIS_SECRET / "password").read_bytes() != first[out / certs.REDIS_SECRET / "password"]
 
 
@@ -295,18 +304,20 @@ def test_running_certs_again_rotates_the_leaves_under_the_same_ca_and_keeps_the_
     (["--namespace", "rustic.ai"], "--namespace 'rustic.ai' is not a DNS-1123 label"),
     (["--days", "0"], "--days must be at least 1"),
 ])
-def test_certs_refuses_bad_input_with_a_clear_error(tmp_path, args, message):
-    run = run_certs("--out", str(tmp_path / "s"), *args)
-    assert run.returncode == 2 and message in run.stderr, run.stderr
+def test_certs_refuses_bad_input_with_a_clear_error(tmp_path, capsys, args, message):
+    code, err = certs_main(capsys, "--out", str(tmp_path / "s"), *args)
+    assert code == 2 and message in err, err
     assert not (tmp_path / "s").exists()
 
 
-def test_certs_refuses_a_ca_whose_key_does_not_match(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run_certs("--out", str(a)).returncode == 0 and run_certs("--out", str(b)).returncode == 0
-    shutil.copy(b / "ca" / "ca.key", a / "ca" / "ca.key")
-    run = run_certs("--out", str(a))
-    assert run.returncode != 0 and "is not the key of" in run.stderr, run.stderr
+def test_certs_refuses_a_ca_whose_key_does_not_match(tmp_path, capsys, issued):
+    a = tmp_path / "a"
+    assert certs_main(capsys, "--out", str(a))[0] == 0
+    shutil.copy(issued / "ca" / "ca.key", a / "ca" / "ca.key")  # another run's CA key
+    before = (a / certs.HOST_SECRET / "tls.crt").read_bytes()
+    code, err = certs_main(capsys, "--out", str(a))
+    assert code == 2 and "ca.key is not the key of" in err, err
+    assert (a / certs.HOST_SECRET / "tls.crt").read_bytes() == before  # nothing was rewritten
 
 
 PEM_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\s+[A-Za-z0-9+/=]{40,}")

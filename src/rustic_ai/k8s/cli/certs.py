@@ -64,6 +64,10 @@ resources:
 """
 
 
+class CertsError(Exception):
+    """Input `rustic-k8s certs` cannot use (an existing CA that does not fit); nothing was written."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     secret: str
@@ -151,9 +155,9 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"rustic-k8s certs: the CA in {ca_dir} cannot be used: {exc}") from None
+        raise CertsError(f"the CA in {ca_dir} cannot be used: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-        raise SystemExit(f"rustic-k8s certs: {ca_dir}/ca.key is not the key of {ca_dir}/ca.crt")
+        raise CertsError(f"{ca_dir}/ca.key is not the key of {ca_dir}/ca.crt")
     return cert, key
 
 
@@ -224,12 +228,17 @@ def run(args: argparse.Namespace) -> int:
     problems = [f"--engine {e!r} is not a DNS-1123 label" for e in engines if not _DNS_LABEL.fullmatch(e)]
     if not _DNS_LABEL.fullmatch(args.namespace):
         problems.append(f"--namespace {args.namespace!r} is not a DNS-1123 label")
-    problems += [f"--{flag} must be at least 1" for flag, v in (("days", args.days), ("ca-days", args.ca_days)) if v < 1]
+    problems += [f"--{flag} must be at least 1"
+                 for flag, value in (("days", args.days), ("ca-days", args.ca_days)) if value < 1]
     if problems:
         print("rustic-k8s certs: " + "; ".join(problems), file=sys.stderr)
         return 2
-    names = write_secrets(args.out, namespace=args.namespace, engines=engines, extra_dns=args.host_dns,
-                          days=args.days, ca_days=args.ca_days, new_redis_password=args.new_redis_password)
+    try:
+        names = write_secrets(args.out, namespace=args.namespace, engines=engines, extra_dns=args.host_dns,
+                              days=args.days, ca_days=args.ca_days, new_redis_password=args.new_redis_password)
+    except CertsError as exc:
+        print(f"rustic-k8s certs: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {', '.join(names)} to {args.out} (the CA is in {args.out / 'ca'}: keep it off the cluster)")
     print(f"apply: kubectl apply -f {args.out / 'secrets.yaml'}")
     return 0
