@@ -303,6 +303,7 @@ def test_running_certs_again_rotates_the_leaves_under_the_same_ca_and_keeps_the_
     (["--engine", "Not_A_Name"], "--engine 'Not_A_Name' is not a DNS-1123 label"),
     (["--namespace", "rustic.ai"], "--namespace 'rustic.ai' is not a DNS-1123 label"),
     (["--days", "0"], "--days must be at least 1"),
+    (["--host-dns", "hosts..example"], "--host-dns 'hosts..example' is not a DNS name"),
 ])
 def test_certs_refuses_bad_input_with_a_clear_error(tmp_path, capsys, args, message):
     code, err = certs_main(capsys, "--out", str(tmp_path / "s"), *args)

@@ -1,11 +1,11 @@
 """`rustic-k8s certs`: the fleet's secrets, made locally with nothing but this package.
 
-    rustic-k8s certs --out docker/k8s/secrets [--namespace rustic-ai] [--engine NAME ...]
+    rustic-k8s certs --out docker/secrets [--namespace rustic-ai] [--engine NAME ...]
 
 Writes into ``--out``, one directory per Kubernetes Secret, laid out the way the kubelet
 mounts it (what the manifests point their settings at), plus ``secrets.yaml`` with the
 same Secrets as manifests for ``kubectl apply -f`` and a ``kustomization.yaml`` listing
-it (docker/k8s/overlays/local-certs adds ``docker/k8s/secrets`` to the base this way):
+it (docker/overlays/local-certs adds ``docker/secrets`` to the base this way):
 
 * ``ca/ca.crt``, ``ca/ca.key``: one CA for the fleet. It stays on your machine (it is
   not in ``secrets.yaml``); a later run finds it and issues new leaves under it, so
@@ -22,7 +22,7 @@ it (docker/k8s/overlays/local-certs adds ``docker/k8s/secrets`` to the base this
   off). Kept across runs: a new password needs a Redis restart, so ask for one with
   ``--new-redis-password``.
 
-Same Secret names and keys as the cert-manager overlay (docker/k8s/overlays/cert-manager).
+Same Secret names and keys as the cert-manager overlay (docker/overlays/cert-manager).
 Private keys and secrets.yaml are written mode 0600. Keys are ECDSA P-256.
 """
 
@@ -207,7 +207,7 @@ def write_secrets(out: Path, *, namespace: str, engines: list[str], extra_dns: l
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="write the fleet's CA, host and engine certificates and Redis password "
                                      "(PEM files and Kubernetes Secret manifests)")
-    p.add_argument("--out", required=True, type=Path, help="directory to write (e.g. docker/k8s/secrets)")
+    p.add_argument("--out", required=True, type=Path, help="directory to write (e.g. docker/secrets)")
     p.add_argument("--namespace", default="rustic-ai", help="namespace of the Secrets and of the hosts' Service")
     p.add_argument("--engine", action="append", dest="engines", metavar="NAME",
                    help=f"an engine identity (client certificate CN; Secret NAME-tls); repeatable; "
@@ -228,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     problems = [f"--engine {e!r} is not a DNS-1123 label" for e in engines if not _DNS_LABEL.fullmatch(e)]
     if not _DNS_LABEL.fullmatch(args.namespace):
         problems.append(f"--namespace {args.namespace!r} is not a DNS-1123 label")
+    problems += [f"--host-dns {n!r} is not a DNS name" for n in args.host_dns
+                 if not all(_DNS_LABEL.fullmatch(label) for label in n.split("."))]
     problems += [f"--{flag} must be at least 1"
                  for flag, value in (("days", args.days), ("ca-days", args.ca_days)) if value < 1]
     if problems:
