@@ -20,6 +20,7 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import redis as redis_py
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -248,6 +249,22 @@ def test_redis_loads_its_users_from_the_secret_and_clients_read_the_same_secret(
     assert host_env["RUSTIC_K8S_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": certs.REDIS_SECRET, "key": "password"}
     assert host_env["RUSTIC_K8S_REDIS_URL"]["value"] == "redis://redis:6379/0"
+
+
+def test_the_registry_scripts_need_no_command_the_acl_refuses(redis_server):
+    """users.acl turns @dangerous off; the registry's Lua scripts must not need any of it
+    (a script calling KEYS or SORT would fail against the shipped Redis, and only there)."""
+    client = redis_py.Redis(port=redis_server.port, decode_responses=True)
+    try:
+        dangerous = {c.split("|")[0].upper() for c in client.acl_cat("dangerous")}
+    finally:
+        client.close()
+    assert {"FLUSHALL", "KEYS", "CONFIG", "SHUTDOWN"} <= dangerous  # the control: the category is what we think
+    called = set()
+    for path in (ROOT / "src" / "rustic_ai" / "k8s").rglob("*.py"):
+        called |= {m.upper() for m in re.findall(r"redis\.p?call\(\s*['\"](\w+)", path.read_text())}
+    assert {"HSET", "PEXPIRE"} <= called  # the scripts were found
+    assert not called & dangerous, called & dangerous
 
 
 # -- the certificates and Secrets --------------------------------------------------------------
