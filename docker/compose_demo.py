@@ -8,11 +8,11 @@ host. Relay agents (rustic_ai.k8s.demo.agents) pass a baton around a ring over t
 Redis messaging backend and stamp host and pid at each hop; a local observer agent
 starts the baton and prints its path. Exits 0 when the baton came back, 1 otherwise.
 
-Environment: RUSTIC_K8S_* (engine settings; RUSTIC_K8S_REDIS_URL also locates the
-messaging Redis), DEMO_AGENTS (relay agents, default 3), DEMO_HOSTS (hosts to wait for,
-default 1), DEMO_WAIT_S (seconds to wait for hosts and for the baton, default 60).
-The image copies this file to /opt/rustic/compose_demo.py. rusticai-core's Guild API
-is synchronous, so this is a plain synchronous script.
+Environment: RUSTIC_K8S_* (engine settings; RUSTIC_K8S_REDIS_URL, _USERNAME and
+_PASSWORD also locate and open the messaging Redis), DEMO_AGENTS (relay agents, default
+3), DEMO_HOSTS (hosts to wait for, default 1), DEMO_WAIT_S (seconds to wait for hosts
+and for the baton, default 60). The image copies this file to /opt/rustic/compose_demo.py.
+rusticai-core's Guild API is synchronous, so this is a plain synchronous script.
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ def say(msg: str) -> None:
 def messaging_from_env() -> MessagingConfig:
     url = urlsplit(os.environ.get("RUSTIC_K8S_REDIS_URL", "redis://redis:6379/0"))
     client: dict[str, object] = {"host": url.hostname or "redis", "port": url.port or 6379}
-    if url.username:
-        client["username"] = url.username
-    if url.password:
-        client["password"] = url.password
+    # The same precedence as the engine's settings: the variables over the URL's user:password.
+    username = os.environ.get("RUSTIC_K8S_REDIS_USERNAME") or url.username
+    password = os.environ.get("RUSTIC_K8S_REDIS_PASSWORD") or url.password
+    if username:
+        client["username"] = username
+    if password:
+        client["password"] = password
     if url.scheme == "rediss":
         client["ssl"] = True
     return MessagingConfig(

@@ -6,6 +6,7 @@
     rustic-k8s agent GUILD AGENT [--lines N] [-o json]
     rustic-k8s stop GUILD AGENT
     rustic-k8s drain HOST [--no-wait]
+    rustic-k8s certs --out DIR [--namespace NS] [--engine NAME ...]
 
 Fleet commands read the registry (--redis-url / RUSTIC_K8S_REDIS_URL, --key-prefix /
 RUSTIC_K8S_KEY_PREFIX) and ask hosts over gRPC.
@@ -24,6 +25,7 @@ from typing import Any
 from ..base.errors import RusticK8sError
 from ..base.models import AgentKey, AgentRecord
 from ..base.settings import EngineSettings
+from . import certs
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--reason", default="operator")
     drain.add_argument("--no-wait", dest="wait", action="store_false", help="return once requested")
     drain.add_argument("--timeout", type=float, default=40.0)
+    certs.add_parser(sub)
     return p
 
 
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging("WARNING")
         return asyncio.run(run_demo(args.hosts, args.agents, args.launch_mode, stay=not args.exit))
+    if args.command == "certs":
+        return certs.run(args)
     handler = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop,
                "drain": cmd_drain}[args.command]
     try:
