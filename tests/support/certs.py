@@ -1,11 +1,20 @@
-"""Certificate authorities and certificates for TLS tests, written as PEM files (trustme)."""
+"""Certificate authorities and certificates for TLS tests, written as PEM files (trustme).
+
+trustme issues DNS and IP names only; ``issue_with_uris`` signs a client certificate with
+URI names (SPIFFE ids, as service meshes and cert-manager's CSI driver issue) itself.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from pathlib import Path
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +45,29 @@ class TestCA:
             extra.write_to_path(str(cert), append=True)
         leaf.private_key_pem.write_to_path(str(key))
         return CertFiles(cert, key, self.ca_file)
+
+    def issue_with_uris(self, name: str, *uris: str) -> CertFiles:
+        """A client certificate with subject CN ``name`` and URI subject alternative names ``uris``."""
+        ca_key = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        )
+        if uris:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        cert_file, key_file = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return CertFiles(cert_file, key_file, self.ca_file)

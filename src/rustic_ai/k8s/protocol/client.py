@@ -9,7 +9,6 @@ codes come back as our error classes (status.py) with the host's address in the 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -74,17 +73,7 @@ class HostClient:
                 self._observer(self.address, method, code, time.monotonic() - started)
 
     async def create_agent(self, request: LaunchRequest, timeout: float | None = None) -> AgentRecord:
-        msg = pb.CreateAgentRequest(
-            guild_spec_json=json.dumps(request.guild_spec).encode(),
-            agent_spec_json=json.dumps(request.agent_spec).encode(),
-            messaging_config_json=json.dumps(request.messaging_config).encode(),
-            machine_id=request.machine_id,
-            client_type=request.client_type,
-            client_properties_json=json.dumps(request.client_properties).encode(),
-            organization_id=request.organization_id,
-            default_topic=request.default_topic,
-            restart_policy_json=json.dumps(request.restart).encode() if request.restart else b"",
-        )
+        msg = convert.launch_to_pb(request)
         reply = await self._call("CreateAgent", msg, timeout or self._launch_timeout_s)
         return convert.agent_from_pb(reply.agent)
 
