@@ -71,3 +71,47 @@ class TestCA:
         key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         return CertFiles(cert_file, key_file, self.ca_file)
+
+
+class SecretVolume:
+    """A directory laid out as the kubelet mounts a Secret: ``tls.crt`` → ``..data/tls.crt``.
+
+    ``..data`` is a symlink to a timestamped directory; an update writes a new directory and
+    renames a new symlink over ``..data`` (atomic), so every file changes at once and gets a
+    new inode: what cert-manager's renewals look like to a pod.
+    """
+
+    NAMES = ("tls.crt", "tls.key", "ca.crt")
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.version = 0
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / "tls.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.dir / "tls.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def write(self, files: CertFiles, ca_file: Path | None = None) -> SecretVolume:
+        """Projects ``files`` (with ``ca_file`` as ca.crt, default the CA that signed them)."""
+        self.version += 1
+        target = self.dir / f"..v{self.version}"
+        target.mkdir()
+        for name, source in zip(self.NAMES, (files.cert, files.key, ca_file or files.ca), strict=True):
+            (target / name).write_bytes(source.read_bytes())
+        tmp = self.dir / "..data_tmp"
+        tmp.symlink_to(target.name)
+        tmp.replace(self.dir / "..data")
+        for name in self.NAMES:
+            link = self.dir / name
+            if not link.is_symlink():
+                link.symlink_to(f"..data/{name}")
+        return self

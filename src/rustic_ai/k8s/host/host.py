@@ -51,7 +51,7 @@ from ..base.specs import summarize_launch
 from ..base.version import VERSION
 from ..process import AgentProcessManager
 from ..protocol import ChannelPool, GrpcHostServer
-from ..protocol.tls import channel_credentials, server_credentials
+from ..protocol.tls import ReloadingChannelCredentials, server_credentials
 from ..registry import HeartbeatResult, LocationRegistry
 from .address import advertised_address
 from .lease import Lease
@@ -97,8 +97,8 @@ class AgentHost:
         # Peers, asked for a hold when this host cannot renew its lease (lease.py).
         self.peers = ChannelPool(
             call_timeout_s=settings.lease_renew_s,
-            credentials=(channel_credentials(settings.tls_cert_file, settings.tls_key_file,
-                                             settings.tls_client_ca_file) if settings.tls else None),
+            credentials=(ReloadingChannelCredentials(settings.tls_cert_file, settings.tls_key_file,
+                                                     settings.tls_client_ca_file) if settings.tls else None),
         )
         self.watchdog = (
             MemoryWatchdog(limit_bytes=settings.agent_memory_mb * MIB, interval_s=settings.memory_check_s,
