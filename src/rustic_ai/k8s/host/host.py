@@ -36,6 +36,7 @@ from typing import Self
 
 from ..base.allowlist import ALLOWED_MODULES_ENV, ModuleAllowList
 from ..base.authz import PolicyFile, describe_rules
+from ..base.envrefs import check_references
 from ..base.errors import (
     AgentAlreadyExistsError,
     AgentNotFoundError,
@@ -270,6 +271,7 @@ class AgentHost:
             raise HostUnavailableError(f"host {self.address} cannot prove its lease; place the agent elsewhere")
         self.allowlist.check_launch(request)
         summary = summarize_launch(request)  # imports nothing: agent classes are imported by the agent process
+        check_references(request.messaging_config, os.environ)  # ${env:RUSTIC_SECRET_*} the agent will resolve
         key = AgentKey(summary.guild_id, summary.agent_id)
         if key in self.agents:
             raise AgentAlreadyExistsError(f"agent {key} is already running on host {self.address}")
