@@ -70,6 +70,7 @@ def policy_host(redis_url, key_prefix, pki, tmp_path_factory):
         "RUSTIC_AGENT_HOST_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
         "RUSTIC_AGENT_HOST_AUTHZ_POLICY_FILE": str(policy),
     })
+    host.policy_file = policy
     yield host
     host.close()
 
@@ -126,6 +127,10 @@ async def test_a_read_only_identity_lists_but_cannot_launch(policy_host, pki, me
                                     launch_msg(messaging, "g-ro"))
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert "CN=dashboard may not launch" in details
+    # Refused before its request is decoded: a caller without the right learns nothing from parse errors.
+    code, details = await status_of(policy_host.address, creds_of(pki, "dashboard"), "CreateAgent",
+                                    pb.CreateAgentRequest(guild_spec_json=b"{not json"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
 
 
 async def test_an_identity_for_team_a_guilds_cannot_launch_in_team_b(policy_host, pki, engine_settings, messaging):
@@ -156,6 +161,31 @@ async def test_the_engines_identity_launches_lists_and_stops(policy_host, pki, e
 
 async def _stopped(engine, guild_id: str) -> bool:
     return not await engine.is_agent_running(guild_id, "r")
+
+
+async def test_a_changed_policy_file_is_in_force_without_a_restart(policy_host, pki):
+    widened = {"rules": [*POLICY["rules"], {"identities": ["stranger"], "allow": ["read"]}]}
+    replacement = policy_host.policy_file.with_suffix(".new")
+    replacement.write_text(json.dumps(widened))
+    replacement.replace(policy_host.policy_file)  # as a ConfigMap update swaps the file
+
+    async def stranger_reads() -> bool:
+        code, _ = await status_of(policy_host.address, creds_of(pki, "stranger"), "ListAgents",
+                                  pb.ListAgentsRequest())
+        return code == grpc.StatusCode.OK
+
+    try:
+        await eventually(stranger_reads, timeout=10, what="the widened policy in force")
+        assert "authorization policy reloaded" in policy_host.logs()
+    finally:
+        policy_host.policy_file.write_text(json.dumps(POLICY))
+        await eventually(_not(stranger_reads), timeout=10, what="the original policy back in force")
+
+
+def _not(check):
+    async def negated() -> bool:
+        return not await check()
+    return negated
 
 
 @pytest.mark.parametrize("policy, fragment", [

@@ -128,6 +128,11 @@ class Policy:
                     "(its module is outside the prefixes the policy allows it)"
                 )
 
+    def check_action(self, who: Identity, action: str) -> None:
+        """Raises NotAuthorizedError unless some rule lets ``who`` do ``action`` somewhere (checked before a
+        request is even decoded, so a caller without the right learns nothing from its parse errors)."""
+        self._acting(who, action)
+
     def readable_guilds(self, who: Identity) -> Callable[[str], bool]:
         """A predicate over the guild ids this identity may read (a listing of every guild shows those);
         NotAuthorizedError if it may read none."""

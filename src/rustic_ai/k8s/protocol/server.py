@@ -107,6 +107,8 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         try:
+            if self._policy is not None:
+                self._policy.current().check_action(peer_identity(context), "launch")
             launch = build_launch_request(
                 guild_spec_json=request.guild_spec_json,
                 agent_spec_json=request.agent_spec_json,
