@@ -69,7 +69,8 @@ class HostClient:
         started = time.monotonic()
         code = "OK"
         try:
-            return await getattr(self._stub(), method)(request, timeout=timeout, metadata=tuple(carrier.items()) or None)
+            stub = self._stub()  # the host's current channel (a new one after a credential reload)
+            return await getattr(stub, method)(request, timeout=timeout, metadata=tuple(carrier.items()) or None)
         except grpc.aio.AioRpcError as err:
             code = err.code().name
             raise _to_error(self.address, method, err) from None

@@ -126,8 +126,8 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
         # Log lines about this agent, the refusal included, carry its ids (base/logfields.py).
         with agent_log_fields(launch.key.guild_id, launch.key.agent_id):
             try:
-                class_name = launch.agent_spec.get("class_name")
-                self._authorize(context, "launch", launch.key.guild_id, class_name if isinstance(class_name, str) else "")
+                # A class name of the wrong type fails the module check, then spec validation.
+                self._authorize(context, "launch", launch.key.guild_id, str(launch.agent_spec.get("class_name") or ""))
                 record = await self.api.create_agent(launch)
             except (RusticK8sError, Exception) as exc:  # noqa: BLE001
                 await self._fail(context, "CreateAgent", exc, started)
