@@ -205,7 +205,8 @@ class ChannelPool:
     async def retain(self, addresses: Iterable[str]) -> None:
         """Closes the channels of hosts that are no longer listed."""
         keep = set(addresses)
-        gone = [a for a in self._clients if a not in keep]
+        # A HostClient kept by a caller past retain() reopens a channel at its next call: close those too.
+        gone = [a for a in self._clients.keys() | self._channels.keys() if a not in keep]
         await asyncio.gather(*(self._discard(a) for a in gone))
 
     async def _discard(self, address: str) -> None:
@@ -223,7 +224,7 @@ class ChannelPool:
             task.cancel()
         await asyncio.gather(*retiring, return_exceptions=True)
         await asyncio.gather(*(channel.close(None) for channel in retiring.values()))
-        await asyncio.gather(*(self._discard(a) for a in list(self._clients)))
+        await asyncio.gather(*(self._discard(a) for a in self._clients.keys() | self._channels.keys()))
 
     async def __aenter__(self) -> Self:
         return self
