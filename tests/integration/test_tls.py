@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -149,8 +150,10 @@ async def test_a_rotated_server_certificate_is_served_without_a_restart(redis_ur
 
 
 def run_host(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rustic_ai.k8s.cli.agent_host"],
-                          env={"PATH": "/usr/bin:/bin", "RUSTIC_AGENT_HOST_LISTEN": "127.0.0.1:0", **env},
+    # PYTHONPATH: the code under test (a worktree's src), not whatever is installed.
+    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+            "RUSTIC_AGENT_HOST_LISTEN": "127.0.0.1:0", "RUSTIC_K8S_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    return subprocess.run([sys.executable, "-m", "rustic_ai.k8s.cli.agent_host"], env={**base, **env},
                           capture_output=True, text=True, timeout=60, check=False)
 
 

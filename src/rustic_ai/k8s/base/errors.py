@@ -27,6 +27,10 @@ class ForbiddenModuleError(PermanentError):
     """A request named a module outside the host's import allow-list."""
 
 
+class NotAuthorizedError(PermanentError):
+    """The caller's certificate identity may not do this here (the host's authorization policy, base/authz.py)."""
+
+
 class AgentNotFoundError(PermanentError):
     """No such (guild_id, agent_id)."""
 

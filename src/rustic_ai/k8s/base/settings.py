@@ -220,6 +220,12 @@ class HostSettings(_RedisSettings):
         "Extra plain-text port host:port serving only grpc.health.v1, for probes that cannot present a client "
         "certificate (the kubelet's) when TLS is on; empty = off.",
     )
+    authz_policy_file: str = _field(
+        "", HOST_PREFIX + "AUTHZ_POLICY_FILE",
+        "JSON policy of what each client-certificate identity (CN or SAN, fnmatch) may do: read, launch, stop, "
+        "in which guilds, which agent modules (README Security, docs/security.md); needs TLS; re-read when it "
+        "changes. Empty: any certificate from the client CA may do everything.",
+    )
     allowed_modules: tuple = _field(
         DEFAULT_ALLOWED_MODULES, HOST_PREFIX + "ALLOWED_MODULES",
         "Module prefixes a launch request may name (agent classes, client type, messaging backend, dependency "
@@ -286,6 +292,9 @@ class HostSettings(_RedisSettings):
                       "_TLS_CLIENT_CA_FILE, or none")
         self._require(all(tls) or self.allow_plaintext, "allow_plaintext",
                       "plain text is not allowed and no TLS files are set")
+        self._require(not self.authz_policy_file or all(tls), "authz_policy_file",
+                      "an authorization policy needs mutual TLS (the identities are client certificates): set "
+                      "RUSTIC_AGENT_HOST_TLS_CERT_FILE, _TLS_KEY_FILE and _TLS_CLIENT_CA_FILE")
         self._require(bool(self.allowed_modules), "allowed_modules", "must name at least one module prefix (or *)")
         self._require(self.max_agents_per_guild >= 0, "max_agents_per_guild", "must not be negative")
         self._require(self.agent_memory_mb >= 0, "agent_memory_mb", "must not be negative")

@@ -51,7 +51,7 @@ from ..placement import (
 )
 from ..placement.factory import discovery_from_settings
 from ..protocol import ChannelPool
-from ..protocol.tls import channel_credentials
+from ..protocol.tls import ReloadingChannelCredentials
 from ..registry import LocationRegistry
 from .metrics import EngineMetrics
 
@@ -91,9 +91,10 @@ class AsyncK8sEngine:
             call_timeout_s=self.settings.call_timeout_s,
             launch_timeout_s=self.settings.launch_timeout_s,
             max_message_bytes=self.settings.max_message_bytes,
-            # Mutual TLS when configured: the client certificate is the engine's credential.
-            credentials=(channel_credentials(self.settings.tls_cert_file, self.settings.tls_key_file,
-                                             self.settings.tls_ca_file) if self.settings.tls else None),
+            # Mutual TLS when configured: the client certificate is the engine's credential, re-read
+            # when its files change (a long-lived engine outlives its certificate).
+            credentials=(ReloadingChannelCredentials(self.settings.tls_cert_file, self.settings.tls_key_file,
+                                                     self.settings.tls_ca_file) if self.settings.tls else None),
             server_name=self.settings.tls_server_name,
             observer=self.metrics.observe_call,
         )

@@ -35,6 +35,8 @@ import time
 from typing import Self
 
 from ..base.allowlist import ALLOWED_MODULES_ENV, ModuleAllowList
+from ..base.authz import PolicyFile, describe_rules
+from ..base.envrefs import check_references
 from ..base.errors import (
     AgentAlreadyExistsError,
     AgentNotFoundError,
@@ -50,7 +52,7 @@ from ..base.specs import summarize_launch
 from ..base.version import VERSION
 from ..process import AgentProcessManager
 from ..protocol import ChannelPool, GrpcHostServer
-from ..protocol.tls import channel_credentials, server_credentials
+from ..protocol.tls import ReloadingChannelCredentials, server_credentials
 from ..registry import HeartbeatResult, LocationRegistry
 from .address import advertised_address
 from .lease import Lease
@@ -88,14 +90,16 @@ class AgentHost:
             server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls else None
         )
+        # What each client identity may do; a bad file is a ConfigError here, before anything starts.
+        self.policy = PolicyFile(settings.authz_policy_file) if settings.authz_policy_file else None
         self.server = GrpcHostServer(self, settings.listen, max_message_bytes=settings.max_message_bytes,
                                      credentials=credentials, health_listen=settings.health_listen,
-                                     observer=self.metrics.observe_call)
+                                     observer=self.metrics.observe_call, policy=self.policy)
         # Peers, asked for a hold when this host cannot renew its lease (lease.py).
         self.peers = ChannelPool(
             call_timeout_s=settings.lease_renew_s,
-            credentials=(channel_credentials(settings.tls_cert_file, settings.tls_key_file,
-                                             settings.tls_client_ca_file) if settings.tls else None),
+            credentials=(ReloadingChannelCredentials(settings.tls_cert_file, settings.tls_key_file,
+                                                     settings.tls_client_ca_file) if settings.tls else None),
         )
         self.watchdog = (
             MemoryWatchdog(limit_bytes=settings.agent_memory_mb * MIB, interval_s=settings.memory_check_s,
@@ -164,6 +168,11 @@ class AgentHost:
             log.warning("serving gRPC in plain text on %s: anyone who can reach it can run code on this host; "
                         "set RUSTIC_AGENT_HOST_TLS_CERT_FILE, _TLS_KEY_FILE and _TLS_CLIENT_CA_FILE for mutual TLS "
                         "(README, Security)", self.settings.listen)
+        elif self.policy is None:
+            log.info("no authorization policy (RUSTIC_AGENT_HOST_AUTHZ_POLICY_FILE): any client certificate from "
+                     "the client CA may launch, stop and read every agent")
+        else:
+            log.info("authorization policy %s: %s", self.policy.path, describe_rules(self.policy.current().rules))
         await self.registry.start()
         if self.metrics_server is not None:
             await self.metrics_server.start()
@@ -262,6 +271,7 @@ class AgentHost:
             raise HostUnavailableError(f"host {self.address} cannot prove its lease; place the agent elsewhere")
         self.allowlist.check_launch(request)
         summary = summarize_launch(request)  # imports nothing: agent classes are imported by the agent process
+        check_references(request.messaging_config, os.environ)  # ${env:RUSTIC_SECRET_*} the agent will resolve
         key = AgentKey(summary.guild_id, summary.agent_id)
         if key in self.agents:
             raise AgentAlreadyExistsError(f"agent {key} is already running on host {self.address}")

@@ -50,6 +50,7 @@ from rustic_ai.core.messaging import Client
 from rustic_ai.core.utils.basic_class_utils import get_class_from_name
 
 from ..base.allowlist import ModuleAllowList
+from ..base.envrefs import resolve_references
 from ..base.errors import ForbiddenModuleError, InvalidSpecError
 from ..base.models import LaunchRequest
 from ..base.specs import ParsedLaunch, parse_launch
@@ -107,7 +108,10 @@ def prepare(raw: bytes, allowed: ModuleAllowList | None = None) -> tuple[ParsedL
         raise InvalidSpecError(f"invalid launch request: {str(exc)[:600]}") from None
     # Checked again here, not only on the host: parse_launch imports the classes it names.
     (allowed or ModuleAllowList.from_env()).check_launch(request)
-    parsed = parse_launch(request)
+    # ${env:RUSTIC_SECRET_*} references become the values of this process's environment (the
+    # host's) here and nowhere else: the request, the desired state and listings keep them.
+    messaging = resolve_references(request.messaging_config, os.environ)
+    parsed = parse_launch(request.model_copy(update={"messaging_config": messaging}))
     _resolve_class(parsed.agent_spec.class_name, Agent, "agent class")
     if isinstance(parsed.agent_spec.properties, OpaqueProps):
         # The spec was accepted tolerantly (props kept opaque because their classes were not

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Mapping
@@ -37,6 +38,7 @@ from ..base.errors import (
 )
 from ..base.logfields import note_pid
 from ..base.models import AgentKey, LaunchRequest
+from ..base.redact import Redactor, messaging_secrets
 from .control import EVENT_ERROR, EVENT_READY, KIND_FORBIDDEN, KIND_INVALID_SPEC, decode_event
 from .launcher import Launcher, SpawnedProcess, make_launcher
 from .output import OutputBuffer
@@ -256,7 +258,10 @@ class AgentProcessManager:
 
     def _adopt(self, key: AgentKey, request: LaunchRequest, spawned: SpawnedProcess) -> AgentProcess:
         note_pid(spawned.pid)  # log lines about this agent carry its pid from here on (base/logfields.py)
-        proc = AgentProcess(key, request, spawned, OutputBuffer(self.output_lines))
+        # Messaging passwords are masked in what the host keeps of the agent's output (base/redact.py).
+        redactor = Redactor(messaging_secrets(request.messaging_config, request.guild_spec, os.environ))
+        output = OutputBuffer(self.output_lines, redact=redactor if redactor else None)
+        proc = AgentProcess(key, request, spawned, output)
         proc._grace_s = self.stop_grace_s
         self._live.add(proc)
         pump = self._spawn_task(proc.output.pump(spawned.output), f"agent-output:{key}")

@@ -4,12 +4,17 @@ A grpc.aio channel multiplexes any number of concurrent calls over one HTTP/2
 connection, so one channel per host is enough; the pool reuses it for every call and
 closes it when discovery stops listing the host. Every call carries a deadline. Status
 codes come back as our error classes (status.py) with the host's address in the message.
+
+With credentials that reload (tls.ReloadingChannelCredentials) each call asks the pool
+for its host's channel, and a channel made with an older generation of credentials is
+replaced by a new one; the old one closes once its calls in flight are done (at most a
+launch deadline later), so a rotation neither fails a call under way nor leaves a
+connection that will not reconnect with the new certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +27,7 @@ from ..base.errors import HostUnavailableError, InvalidSpecError, RusticK8sError
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
 from . import convert
 from .status import error_class_for
+from .tls import ReloadingChannelCredentials
 from .v1 import agent_host_pb2 as pb
 from .v1 import agent_host_pb2_grpc as pb_grpc
 
@@ -46,10 +52,11 @@ CallObserver = Callable[[str, str, str, float], None]
 
 
 class HostClient:
-    def __init__(self, address: str, channel: grpc.aio.Channel, *, call_timeout_s: float, launch_timeout_s: float,
-                 observer: CallObserver | None = None):
+    def __init__(self, address: str, stub: Callable[[], pb_grpc.AgentHostServiceStub], *, call_timeout_s: float,
+                 launch_timeout_s: float, observer: CallObserver | None = None):
+        """``stub``: the host's stub for the next call (the pool's current channel)."""
         self.address = address
-        self._stub = pb_grpc.AgentHostServiceStub(channel)
+        self._stub = stub
         self._call_timeout_s = call_timeout_s
         self._launch_timeout_s = launch_timeout_s
         self._observer = observer
@@ -62,7 +69,8 @@ class HostClient:
         started = time.monotonic()
         code = "OK"
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout, metadata=tuple(carrier.items()) or None)
+            stub = self._stub()  # the host's current channel (a new one after a credential reload)
+            return await getattr(stub, method)(request, timeout=timeout, metadata=tuple(carrier.items()) or None)
         except grpc.aio.AioRpcError as err:
             code = err.code().name
             raise _to_error(self.address, method, err) from None
@@ -74,17 +82,7 @@ class HostClient:
                 self._observer(self.address, method, code, time.monotonic() - started)
 
     async def create_agent(self, request: LaunchRequest, timeout: float | None = None) -> AgentRecord:
-        msg = pb.CreateAgentRequest(
-            guild_spec_json=json.dumps(request.guild_spec).encode(),
-            agent_spec_json=json.dumps(request.agent_spec).encode(),
-            messaging_config_json=json.dumps(request.messaging_config).encode(),
-            machine_id=request.machine_id,
-            client_type=request.client_type,
-            client_properties_json=json.dumps(request.client_properties).encode(),
-            organization_id=request.organization_id,
-            default_topic=request.default_topic,
-            restart_policy_json=json.dumps(request.restart).encode() if request.restart else b"",
-        )
+        msg = convert.launch_to_pb(request)
         reply = await self._call("CreateAgent", msg, timeout or self._launch_timeout_s)
         return convert.agent_from_pb(reply.agent)
 
@@ -118,6 +116,13 @@ class HostClient:
         return max(0.0, float(reply.hold_granted_s))
 
 
+class _Channel:
+    def __init__(self, channel: grpc.aio.Channel, generation: int) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.AgentHostServiceStub(channel)
+        self.generation = generation
+
+
 class ChannelPool:
     """One reused grpc.aio channel per host address."""
 
@@ -127,12 +132,12 @@ class ChannelPool:
         call_timeout_s: float = 10.0,
         launch_timeout_s: float = 90.0,
         max_message_bytes: int = 4 * 1024 * 1024,
-        credentials: grpc.ChannelCredentials | None = None,
+        credentials: grpc.ChannelCredentials | ReloadingChannelCredentials | None = None,
         server_name: str = "",
         observer: CallObserver | None = None,
     ) -> None:
-        """``credentials``: TLS (see tls.py), else plain text; ``server_name``: the name host certificates carry;
-        ``observer`` sees every call (metrics)."""
+        """``credentials``: TLS (see tls.py; reloading ones follow their files), else plain text;
+        ``server_name``: the name host certificates carry; ``observer`` sees every call (metrics)."""
         self._call_timeout_s = call_timeout_s
         self._observer = observer
         self._launch_timeout_s = launch_timeout_s
@@ -148,24 +153,51 @@ class ChannelPool:
         ]
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
-        self._clients: dict[str, tuple[grpc.aio.Channel, HostClient]] = {}
+        self._clients: dict[str, HostClient] = {}
+        self._channels: dict[str, _Channel] = {}
+        self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}  # old channels closing after their calls
         self._closed = False
+        self.channels_replaced = 0  # after credential reloads (for logs and tests)
 
     def client(self, address: str) -> HostClient:
         if self._closed:
             raise HostUnavailableError("channel pool is closed (engine shut down)")
-        entry = self._clients.get(address)
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = HostClient(
+                address, lambda: self._stub(address), call_timeout_s=self._call_timeout_s,
+                launch_timeout_s=self._launch_timeout_s, observer=self._observer,
+            )
+        return client
+
+    def _stub(self, address: str) -> pb_grpc.AgentHostServiceStub:
+        """The stub for the next call to ``address``: its channel, new if the credentials were reloaded."""
+        if self._closed:
+            raise HostUnavailableError("channel pool is closed (engine shut down)")
+        if isinstance(self._credentials, ReloadingChannelCredentials):
+            generation, credentials = self._credentials.current()
+        else:
+            generation, credentials = 0, self._credentials
+        entry = self._channels.get(address)
+        if entry is not None and entry.generation != generation:
+            self._retire(address, entry)
+            entry = None
         if entry is None:
-            if self._credentials is None:
+            if credentials is None:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             else:
-                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
-            client = HostClient(
-                address, channel, call_timeout_s=self._call_timeout_s, launch_timeout_s=self._launch_timeout_s,
-                observer=self._observer,
-            )
-            entry = self._clients[address] = (channel, client)
-        return entry[1]
+                channel = grpc.aio.secure_channel(address, credentials, options=self._options)
+            entry = self._channels[address] = _Channel(channel, generation)
+        return entry.stub
+
+    def _retire(self, address: str, entry: _Channel) -> None:
+        del self._channels[address]
+        self.channels_replaced += 1
+        log.info("new TLS credentials: replacing the channel to %s (the old one closes after its calls)", address)
+        task = asyncio.get_running_loop().create_task(entry.channel.close(self._launch_timeout_s),
+                                                      name=f"retire-channel:{address}")
+        self._retiring[task] = entry.channel
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     @property
     def addresses(self) -> list[str]:
@@ -174,18 +206,26 @@ class ChannelPool:
     async def retain(self, addresses: Iterable[str]) -> None:
         """Closes the channels of hosts that are no longer listed."""
         keep = set(addresses)
-        gone = [a for a in self._clients if a not in keep]
+        # A HostClient kept by a caller past retain() reopens a channel at its next call: close those too.
+        gone = [a for a in self._clients.keys() | self._channels.keys() if a not in keep]
         await asyncio.gather(*(self._discard(a) for a in gone))
 
     async def _discard(self, address: str) -> None:
-        entry = self._clients.pop(address, None)
+        self._clients.pop(address, None)
+        entry = self._channels.pop(address, None)
         if entry is not None:
             log.debug("closing channel to %s", address)
-            await entry[0].close()
+            await entry.channel.close()
 
     async def close(self) -> None:
         self._closed = True
-        await asyncio.gather(*(self._discard(a) for a in list(self._clients)))
+        # Retiring channels are closed now, their calls cancelled: the owner is shutting down.
+        retiring = dict(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        await asyncio.gather(*(channel.close(None) for channel in retiring.values()))
+        await asyncio.gather(*(self._discard(a) for a in self._clients.keys() | self._channels.keys()))
 
     async def __aenter__(self) -> Self:
         return self

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..base.models import AgentRecord, AgentState, HostRecord, HostState
+import json
+
+from ..base.models import AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
 from .v1 import agent_host_pb2 as pb
 
 _AGENT_STATE_TO_PB = {
@@ -80,4 +82,19 @@ def host_from_pb(m: pb.HealthResponse) -> HostRecord:
         state=_HOST_STATE_FROM_PB.get(m.state, HostState.STARTING),
         version=m.version,
         started_at=m.started_at,
+    )
+
+
+def launch_to_pb(request: LaunchRequest) -> pb.CreateAgentRequest:
+    """A launch request on the wire: specs as JSON bytes (the host validates them on arrival)."""
+    return pb.CreateAgentRequest(
+        guild_spec_json=json.dumps(request.guild_spec).encode(),
+        agent_spec_json=json.dumps(request.agent_spec).encode(),
+        messaging_config_json=json.dumps(request.messaging_config).encode(),
+        machine_id=request.machine_id,
+        client_type=request.client_type,
+        client_properties_json=json.dumps(request.client_properties).encode(),
+        organization_id=request.organization_id,
+        default_topic=request.default_topic,
+        restart_policy_json=json.dumps(request.restart).encode() if request.restart else b"",
     )

@@ -4,6 +4,10 @@ The servicer decodes requests into our models, calls the host, and turns our err
 into status codes (status.py). It knows nothing about processes or Redis, and the host
 knows nothing about grpc. The standard grpc.health.v1 service is served beside it so
 Kubernetes probes and `grpc_health_probe` work unchanged.
+
+With an authorization policy (base/authz.py) every call but Health is checked against
+the caller's client certificate, as gRPC reports it in the call's auth context, before
+the host sees it; a refusal is PERMISSION_DENIED naming the identity.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from ..base.authz import Identity, PolicyFile
 from ..base.errors import RusticK8sError
 from ..base.logfields import agent_log_fields
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
@@ -47,6 +52,17 @@ def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return out
 
 
+def peer_identity(context: grpc.aio.ServicerContext) -> Identity:
+    """The caller's certificate names: subject CN and every SAN (DNS, URI such as spiffe://, IP)."""
+    auth = context.auth_context() or {}
+
+    def decoded(key: str) -> list[str]:
+        return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in auth.get(key, ())]
+
+    common = decoded("x509_common_name")
+    return Identity(common[0] if common else "", tuple(decoded("x509_subject_alternative_name")))
+
+
 class HostApi(Protocol):
     """What the server adapter needs from an agent host."""
 
@@ -59,9 +75,16 @@ class HostApi(Protocol):
 
 
 class _Servicer(pb_grpc.AgentHostServiceServicer):
-    def __init__(self, api: HostApi, observer: CallObserver | None = None) -> None:
+    def __init__(self, api: HostApi, observer: CallObserver | None = None, policy: PolicyFile | None = None) -> None:
         self.api = api
         self._observer = observer
+        self._policy = policy
+
+    def _authorize(self, context: grpc.aio.ServicerContext, action: str, guild_id: str,
+                   agent_class: str = "") -> None:
+        """Raises NotAuthorizedError unless the policy (if any) lets the caller do this."""
+        if self._policy is not None:
+            self._policy.current().check(peer_identity(context), action, guild_id, agent_class)
 
     def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         if self._observer is not None:
@@ -84,6 +107,8 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         try:
+            if self._policy is not None:
+                self._policy.current().check_action(peer_identity(context), "launch")
             launch = build_launch_request(
                 guild_spec_json=request.guild_spec_json,
                 agent_spec_json=request.agent_spec_json,
@@ -101,6 +126,8 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
         # Log lines about this agent, the refusal included, carry its ids (base/logfields.py).
         with agent_log_fields(launch.key.guild_id, launch.key.agent_id):
             try:
+                # A class name of the wrong type fails the module check, then spec validation.
+                self._authorize(context, "launch", launch.key.guild_id, str(launch.agent_spec.get("class_name") or ""))
                 record = await self.api.create_agent(launch)
             except (RusticK8sError, Exception) as exc:  # noqa: BLE001
                 await self._fail(context, "CreateAgent", exc, started)
@@ -111,6 +138,7 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
         started = time.monotonic()
         with agent_log_fields(request.guild_id, request.agent_id):
             try:
+                self._authorize(context, "stop", request.guild_id)
                 record = await self.api.stop_agent(AgentKey(request.guild_id, request.agent_id))
             except Exception as exc:  # noqa: BLE001
                 await self._fail(context, "StopAgent", exc, started)
@@ -121,6 +149,7 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
         started = time.monotonic()
         with agent_log_fields(request.guild_id, request.agent_id):
             try:
+                self._authorize(context, "read", request.guild_id)
                 record = await self.api.agent_info(AgentKey(request.guild_id, request.agent_id),
                                                    request.output_lines)
             except Exception as exc:  # noqa: BLE001
@@ -131,7 +160,12 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         try:
-            records = await self.api.list_agents(request.guild_id)
+            if request.guild_id or self._policy is None:
+                self._authorize(context, "read", request.guild_id)
+                records = await self.api.list_agents(request.guild_id)
+            else:  # every guild: the ones this caller may read
+                readable = self._policy.current().readable_guilds(peer_identity(context))
+                records = [r for r in await self.api.list_agents("") if readable(r.key.guild_id)]
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "ListAgents", exc, started)
         self._observe("ListAgents", grpc.StatusCode.OK, started)
@@ -163,16 +197,21 @@ class GrpcHostServer:
         credentials: grpc.ServerCredentials | None = None,
         health_listen: str = "",
         observer: CallObserver | None = None,
+        policy: PolicyFile | None = None,
     ) -> None:
         """``credentials``: TLS (tls.server_credentials), else plain text. ``health_listen``: an extra
         plain-text port serving grpc.health.v1 only, for probes that cannot present a client
-        certificate (the kubelet's). ``observer`` sees every answered call (metrics)."""
+        certificate (the kubelet's). ``observer`` sees every answered call (metrics). ``policy``: what each
+        client identity may do (base/authz.py; needs TLS); None = every caller may do everything."""
+        if policy is not None and credentials is None:
+            raise ValueError("an authorization policy needs TLS credentials: without them there is no identity")
         self._api = api
         self._listen = listen
         self._max_message_bytes = max_message_bytes
         self._credentials = credentials
         self._health_listen = health_listen
         self._observer = observer
+        self._policy = policy
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._health = HealthServicer()
@@ -190,7 +229,7 @@ class GrpcHostServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_AgentHostServiceServicer_to_server(_Servicer(self._api, self._observer), server)
+        pb_grpc.add_AgentHostServiceServicer_to_server(_Servicer(self._api, self._observer, self._policy), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self._credentials is None:
             self.port = server.add_insecure_port(self._listen)

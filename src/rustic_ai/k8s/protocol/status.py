@@ -13,6 +13,7 @@ from ..base import errors as e
 ERROR_TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.InvalidSpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.ForbiddenModuleError, grpc.StatusCode.PERMISSION_DENIED),
+    (e.NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),  # told apart by ERROR_CLASS_KEY
     (e.AgentNotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.AgentAlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (e.HostFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),

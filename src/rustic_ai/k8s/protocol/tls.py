@@ -13,9 +13,14 @@ files, e.g. by cert-manager):
   connection on, without a restart; established connections keep theirs. A rotation
   caught half-written (key and certificate do not match yet) keeps the previous
   configuration and is retried at the next handshake.
-* ``channel_credentials(cert, key, ca)``: what an engine dials with. Read once: a
-  channel's credentials are fixed when it is created, so a long-running engine picks up
-  a rotated client certificate for channels it opens later (or when restarted).
+* ``channel_credentials(cert, key, ca)``: what an engine dials with, read once. A
+  channel's credentials are fixed when it is created, so a long-lived engine uses
+  ``ReloadingChannelCredentials``: it looks at the three files' stamps at most once a
+  second and, when they changed, loads new credentials under a new generation number;
+  the channel pool (client.py) then opens new channels with them and closes the old ones
+  once their calls in flight are done. An engine thus survives a rotation by
+  cert-manager or the kubelet (which swaps a Secret's files by a symlink: new inodes)
+  even when the host's CA changes with it.
 * ``ChannelPool(server_name=...)`` (client.py) checks host certificates against one
   name instead of the dialled address (hosts are dialled by pod IP).
 
@@ -27,6 +32,8 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -117,3 +124,40 @@ def channel_credentials(cert_file: str, key_file: str, ca_file: str) -> grpc.Cha
     _check_pair(cert_file, key_file)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
+
+
+class ReloadingChannelCredentials:
+    """Client credentials that follow their files: ``current()`` re-reads them after a change.
+
+    The stat of three files is cheap, but it is done at most every ``check_every_s`` all the
+    same: ``current()`` is called before every call. A change caught half-way (the key does
+    not match the certificate yet) keeps the credentials in use and is retried at the next
+    check. Missing or broken files at construction are ConfigErrors, as for hosts.
+    """
+
+    def __init__(self, cert_file: str, key_file: str, ca_file: str, *, check_every_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.paths = (cert_file, key_file, ca_file)
+        self.generation = 0  # bumped at every reload; channels remember the one they were made with
+        self._check_every_s = check_every_s
+        self._clock = clock
+        self._stamp = _stamp(self.paths)
+        self._credentials = channel_credentials(*self.paths)
+        self._checked = clock()
+
+    def current(self) -> tuple[int, grpc.ChannelCredentials]:
+        """(generation, credentials) to dial with now."""
+        now = self._clock()
+        if now - self._checked >= self._check_every_s:
+            self._checked = now
+            stamp = _stamp(self.paths)
+            if stamp != self._stamp:
+                try:
+                    self._credentials = channel_credentials(*self.paths)
+                except ConfigError as exc:
+                    log.warning("TLS client files changed but cannot be used yet, keeping the current ones: %s", exc)
+                else:
+                    self._stamp = stamp
+                    self.generation += 1
+                    log.info("TLS client certificate reloaded from %s", self.paths[0])
+        return self.generation, self._credentials
