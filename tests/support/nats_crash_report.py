@@ -5,7 +5,7 @@
 Each round: one private nats-server for the run, 2 hosts, 3 ledger agents, 20 numbered messages a second;
 one agent process (or the host of one) is SIGKILLed, the host restarts it (or another host
 takes it over), and the exactly-once checker waits up to 45 s for every message. Printed per
-agent: lost, handled twice, how many were handled more than 2 s after they were sent, and the
+agent: lost, handled twice, the most live copies at once, how many were handled more than 2 s after they were sent, and the
 latest of them. docs/messaging.md gives the figures. Not a test: the gap it shows (a message the
 dead copy had not acknowledged comes back only after rusticai-nats's fixed 30 s ack wait) would
 make a test either fail or take 30 s.
@@ -51,7 +51,7 @@ async def one_round(fault: str, nats) -> None:
             a = report.agents[agent_id]
             latest = max(late, key=lambda x: x[1], default=None)
             print(f"{agent_id}: sent {a.sent}, lost {len(a.lost)}, twice {len(a.twice)}, "
-                  f"late {len(late)}, latest (seq, s) {latest}", flush=True)
+                  f"most live copies {a.max_copies}, late {len(late)}, latest (seq, s) {latest}", flush=True)
 
 
 async def main(argv: list[str]) -> None:
