@@ -1,14 +1,16 @@
 """Measures what rusticai-nats delivers across crashes; run by hand, not by the suite.
 
-    cd tests && PYTHONPATH=../src ../.venv/bin/python -m support.nats_crash_report [agent-sigkill] [host-sigkill] [rounds]
+    cd tests && PYTHONPATH=../src ../.venv/bin/python -m support.nats_crash_report [agent-sigkill] [host-sigkill]
+        [nats-restart] [rounds]
 
-Each round: one private nats-server for the run, 2 hosts, 3 ledger agents, 20 numbered messages a second;
-one agent process (or the host of one) is SIGKILLed, the host restarts it (or another host
-takes it over), and the exactly-once checker waits up to 45 s for every message. Printed per
-agent: lost, handled twice, the most live copies at once, how many were handled more than 2 s after they were sent, and the
-latest of them. docs/messaging.md gives the figures. Not a test: the gap it shows (a message the
-dead copy had not acknowledged comes back only after rusticai-nats's fixed 30 s ack wait) would
-make a test either fail or take 30 s.
+Each round: one private nats-server for the run, 2 hosts, 3 ledger agents, 20 numbered
+messages a second; one agent process (or the host of one) is SIGKILLed, and the host restarts
+it (or another host takes it over), or nats-server restarts with its store; then the
+exactly-once checker waits up to 45 s for every message. Printed per agent: lost, handled
+twice, the most live copies at once, how many were handled more than 2 s after they were sent,
+and the latest of them. docs/messaging.md gives the figures. Not a test: the gap it shows (a
+message the dead copy had not acknowledged comes back only after rusticai-nats's fixed 30 s ack
+wait) would make a test either fail or take 30 s.
 """
 
 from __future__ import annotations
@@ -39,12 +41,18 @@ async def one_round(fault: str, nats) -> None:
                 await eventually(lambda: pid not in fleet.live_pids("l0"), timeout=5, what="the copy gone")
             elif fault == "host-sigkill":
                 fleet.host_of("l0").process.kill()
+            elif fault == "nats-restart":  # SIGTERM, down 1 s, back on the same port with its store
+                nats.stop()
+                await asyncio.sleep(1.0)  # the outage itself
+                nats.start()
             else:
-                raise SystemExit(f"unknown fault {fault!r}: agent-sigkill or host-sigkill")
+                raise SystemExit(f"unknown fault {fault!r}: agent-sigkill, host-sigkill or nats-restart")
         # Long enough for the library's redelivery after its 30 s ack wait.
         report = await checker.settle(deadline_s=45.0, quiet_s=35.0)
         sent = checker.sender.sent
-        print(f"--- {fault}")
+        times = sorted(sent.values())
+        gap = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        print(f"--- {fault}: {report.summary().splitlines()[0]}; longest pause between sends {gap:.1f} s")
         for agent_id, entry in sorted(checker.ledgers.agents.items()):
             late = [(seq, round(at - sent[seq], 1)) for seq, _pid, at in entry.handled
                     if seq in sent and at - sent[seq] > LATE_S]
