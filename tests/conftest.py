@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # tests start inherits this and may import them. The default allow-list is rustic_ai. only.
 os.environ.setdefault("RUSTIC_AGENT_HOST_ALLOWED_MODULES", "rustic_ai.,support.")
 
+from support.nats_server import NatsServer  # noqa: E402
 from support.redis_server import RedisServer  # noqa: E402
 
 
@@ -20,6 +21,14 @@ from support.redis_server import RedisServer  # noqa: E402
 def redis_server():
     """One private redis-server for the whole run; tests isolate by key prefix."""
     server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def nats_server():
+    """One private nats-server (JetStream) for the run, started only when a test asks for it."""
+    server = NatsServer().start()
     yield server
     server.close()
 

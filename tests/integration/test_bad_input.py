@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 
+from rustic_ai.core.messaging import MessagingConfig
 from rustic_ai.k8s import (
     AgentAlreadyExistsError,
     AgentNotFoundError,
@@ -116,6 +117,16 @@ async def test_duplicate_launch(engine, bystander, messaging, stub):
         await engine.run_agent(g, responder("bystander"), messaging)
     await expect(stub, create_request(messaging, guild=g, agent=responder("bystander")),
                  grpc.StatusCode.ALREADY_EXISTS, "already running")
+    await still_healthy(stub, bystander)
+
+
+async def test_an_in_memory_messaging_backend_is_refused(engine, bystander, stub):
+    """Its messages never leave the agent's own process, so the agent could talk to no one
+    (rusticai-core's GuildBuilder picks it when no messaging is configured)."""
+    in_memory = MessagingConfig(backend_module="rustic_ai.core.messaging.backend",
+                                backend_class="InMemoryMessagingBackend", backend_config={})
+    with pytest.raises(InvalidSpecError, match="InMemoryMessagingBackend keeps messages inside one process"):
+        await engine.run_agent(guild_spec(bystander.guild_id), responder("lonely"), in_memory)
     await still_healthy(stub, bystander)
 
 

@@ -1,5 +1,7 @@
 """A small fleet for fault tests: its own Redis, hosts, an engine, ledger agents and a checker.
 
+Agents talk over the fleet's Redis, or over a NATS server when one is given.
+
 Everything it starts it closes, in reverse order, even when the test fails half way
 (`LedgerFleet` is an async context manager). Hosts may reach Redis through a
 `CuttableProxy` of their own, so one of them can be cut off while the rest are not. Which
@@ -23,7 +25,8 @@ from rustic_ai.k8s import AsyncK8sEngine, EngineSettings
 from .exactly_once import Checker, copy_alive
 from .hosts import HostProcess, start_hosts
 from .ledger_agents import LEDGER_DIR_ENV, LedgerAgent
-from .probe import guild_spec, redis_messaging
+from .nats_server import NatsServer
+from .probe import guild_spec, nats_messaging, redis_messaging
 from .proxy import CuttableProxy
 from .redis_server import RedisServer
 
@@ -58,8 +61,10 @@ class FleetHost:
 
 
 class LedgerFleet:
-    def __init__(self, *, env: dict[str, str] | None = None, rate_per_s: float = 20.0) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None, rate_per_s: float = 20.0,
+                 nats: NatsServer | None = None) -> None:
         self.redis = RedisServer()
+        self.nats = nats  # the agents' messages go through it when given (the registry stays in Redis)
         self.prefix = f"eo{uuid.uuid4().hex[:8]}"
         self.ledger_dir = Path(tempfile.mkdtemp(prefix="rk8s-ledger-"))
         self.env = {**FAST_ENV, LEDGER_DIR_ENV: str(self.ledger_dir), **(env or {})}
@@ -73,7 +78,7 @@ class LedgerFleet:
 
     @property
     def messaging(self):
-        return redis_messaging(self.redis.port)
+        return nats_messaging(self.nats.url) if self.nats is not None else redis_messaging(self.redis.port)
 
     async def __aenter__(self) -> LedgerFleet:
         self.redis.start()

@@ -1,4 +1,4 @@
-"""Talk to remote agents over the guild's real messaging backend (Redis).
+"""Talk to remote agents over the guild's real messaging backend (Redis or NATS).
 
 A `Probe` is a local rusticai agent (rusticai-testing's LocalTestAgent) that joins a
 guild through rusticai-core's SyncExecutionEngine, publishes on the default topic and
@@ -29,6 +29,33 @@ def redis_messaging(port: int) -> MessagingConfig:
         backend_class="RedisMessagingBackend",
         backend_config={"redis_client": {"host": "127.0.0.1", "port": port}},
     )
+
+
+def nats_messaging(url: str) -> MessagingConfig:
+    """rusticai-nats: ``backend_config`` is its NATSBackendConfig (servers, auth, TLS, TTL, retries)."""
+    return MessagingConfig(
+        backend_module="rustic_ai.nats.messaging.backend",
+        backend_class="NATSMessagingBackend",
+        backend_config={"nats_client": {"servers": [url]}},
+    )
+
+
+def close_nats_event_loops(monkeypatch) -> None:
+    """rusticai-nats 1.4 runs each backend's client on an event loop of its own and, on cleanup,
+    stops that loop without closing it; in a long test process the loop and its self-pipe are
+    collected later as ResourceWarnings (errors here) blamed on whichever test runs then. For the
+    current test, cleanup also closes the stopped loop. Agent processes exit and need nothing."""
+    from rustic_ai.nats.messaging.connection_manager import NATSConnectionManager
+
+    original = NATSConnectionManager.close
+
+    def close(self) -> None:
+        original(self)
+        loop = self._loop
+        if self._owns_loop and loop is not None and not loop.is_running() and not loop.is_closed():
+            loop.close()
+
+    monkeypatch.setattr(NATSConnectionManager, "close", close)
 
 
 def guild_spec(guild_id: str) -> GuildSpec:

@@ -99,6 +99,19 @@ class LaunchSummary:
     spec_json: str
 
 
+# Messaging backends whose messages never leave the process that holds them: an agent in a
+# host's process would hear nobody and be heard by nobody (docs/messaging.md).
+# rusticai-core exports its in-memory backend from several of its modules (GuildBuilder's
+# default names rustic_ai.core.messaging.backend).
+PROCESS_LOCAL_BACKENDS = frozenset({("rustic_ai.core", "InMemoryMessagingBackend")})
+
+
+def _process_local(messaging_config: dict[str, Any]) -> bool:
+    module, cls = messaging_config.get("backend_module", ""), messaging_config.get("backend_class")
+    return any((module == package or module.startswith(package + ".")) and cls == name
+               for package, name in PROCESS_LOCAL_BACKENDS)
+
+
 def _dotted(name: object) -> bool:
     return (isinstance(name, str) and 0 < len(name) <= 512 and "." in name
             and all(part.isidentifier() for part in name.split(".")))
@@ -124,6 +137,11 @@ def summarize_launch(request: LaunchRequest) -> LaunchSummary:
         MessagingConfig.model_validate(request.messaging_config)  # plain fields: imports nothing
     except (ValidationError, ValueError, TypeError) as exc:
         raise InvalidSpecError(f"invalid messaging config: {_short(exc)}") from None
+    if _process_local(request.messaging_config):
+        raise InvalidSpecError(
+            f"messaging backend {request.messaging_config['backend_class']} keeps messages inside one process: "
+            "an agent on a host could not reach the rest of its guild; use a backend with a server every host "
+            "reaches (rusticai-redis's RedisMessagingBackend, rusticai-nats's NATSMessagingBackend)")
     return LaunchSummary(guild_id, agent_id, name, str(class_name), json.dumps(agent, separators=(",", ":")))
 
 
