@@ -26,7 +26,7 @@ import redis as redis_py
 import yaml
 from rustic_ai.core.messaging import MessagingConfig
 
-from rustic_ai.k8s import AsyncK8sEngine, EngineSettings, NoHostAvailableError
+from rustic_ai.k8s import AsyncK8sEngine, EngineSettings, NoHostAvailableError, NotAuthorizedError
 from rustic_ai.k8s.cli import certs
 from rustic_ai.k8s.protocol.tls import channel_credentials
 from rustic_ai.k8s.protocol.v1 import agent_host_pb2 as pb
@@ -165,6 +165,26 @@ async def test_an_engine_from_another_ca_places_nothing(deployment, key_prefix, 
     g = guild_spec(f"g-{uuid.uuid4().hex[:6]}")
     async with AsyncK8sEngine(settings) as engine:
         with pytest.raises(NoHostAvailableError):
+            await engine.run_agent(g, responder("r"), deployment.messaging())
+        assert not await engine.is_agent_running(g.id, "r")
+
+
+async def test_an_identity_of_the_fleet_ca_that_the_shipped_policy_does_not_name_may_not_launch(
+        deployment, key_prefix, tmp_path):
+    """The same CA, another name (`rustic-k8s certs --engine rustic-stranger`): past the handshake,
+    refused by the default policy of docker/k8s/authz.yaml, and nothing runs."""
+    out = tmp_path / "same-ca"
+    (out / "ca").mkdir(parents=True)
+    for name in ("ca.crt", "ca.key"):
+        (out / "ca" / name).write_bytes((deployment.secrets / "ca" / name).read_bytes())
+    certs.write_secrets(out, namespace="rustic-ai", engines=["rustic-stranger"], extra_dns=[], days=1, ca_days=1,
+                        new_redis_password=False)
+    d = out / "rustic-stranger-tls"
+    settings = deployment.engine_settings(key_prefix, tls_cert_file=str(d / "tls.crt"), tls_key_file=str(d / "tls.key"))
+    g = guild_spec(f"g-{uuid.uuid4().hex[:6]}")
+    async with AsyncK8sEngine(settings) as engine:
+        await eventually(lambda: engine.hosts(), what="host registered")
+        with pytest.raises(NotAuthorizedError, match="rustic-stranger"):
             await engine.run_agent(g, responder("r"), deployment.messaging())
         assert not await engine.is_agent_running(g.id, "r")
 

@@ -39,9 +39,6 @@ K8S = ROOT / "docker" / "k8s"
 # The oldest Kubernetes minor the manifests promise to work on, and the newest schema bundled.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 KNOWN_ENV = {env for cls in (HostSettings, EngineSettings) for env, _, _ in cls.describe()}
-# The host's authorization policy file (issue 11, built on another branch): the manifests
-# name it ahead of the setting; once HostSettings has it this set is empty.
-KNOWN_ENV |= {"RUSTIC_AGENT_HOST_AUTHZ_POLICY_FILE"}
 
 
 def tool(name: str) -> str:
