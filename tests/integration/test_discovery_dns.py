@@ -11,20 +11,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from support.eventually import eventually
+from support.fleet import answers
+from support.probe import guild_spec, responder
 
 from rustic_ai.k8s import AsyncK8sEngine, ConfigError, EngineSettings
 from rustic_ai.k8s.placement.dns import DnsDiscovery, resolve_all
 from rustic_ai.k8s.placement.factory import discovery_from_settings
-from support.eventually import eventually
-from support.fleet import answers
-from support.probe import guild_spec, responder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,35 +164,3 @@ async def test_engine_places_agents_on_every_address_of_the_name(
         for r in records:
             assert await answers(probe, r.agent_id)
 
-
-async def test_the_compose_demo_runs_a_guild_over_hosts_found_by_dns(start_host, redis_url, key_prefix):
-    """docker/compose_demo.py, as the compose `demo` service runs it, with "localhost" as the name."""
-    port = free_port_on("127.0.0.1")
-    host = start_host("compose-host", env={"RUSTIC_AGENT_HOST_LISTEN": f"127.0.0.1:{port}"})
-    env = dict(os.environ)
-    env.update(
-        {
-            "RUSTIC_K8S_REDIS_URL": redis_url,
-            "RUSTIC_K8S_KEY_PREFIX": key_prefix,
-            "RUSTIC_K8S_DISCOVERY": "dns",
-            "RUSTIC_K8S_DNS_NAME": "localhost",
-            "RUSTIC_K8S_DNS_PORT": str(port),
-            "DEMO_AGENTS": "2",
-            "DEMO_WAIT_S": "30",
-        }
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "docker" / "compose_demo.py"), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        async with asyncio.timeout(90):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:] + "\n--- host log ---\n" + host.logs()
-    assert "relay-0" in text and host.address in text
-    assert "baton came back" in text
