@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -172,6 +173,20 @@ def test_a_bad_setting_is_one_line_naming_it(module, args, env, expected):
     out = run(module, *args, env=env, timeout=30)
     assert out.returncode == 2, out.stdout + out.stderr
     assert expected in one_line_error(out)
+
+
+def test_a_host_whose_port_is_taken_says_which_setting_to_change(redis_url, key_prefix):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run("rustic_ai.k8s.cli.agent_host", "--listen", f"127.0.0.1:{port}", "--redis-url", redis_url,
+                  "--key-prefix", key_prefix, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        f"could not start: gRPC server cannot listen on 127.0.0.1:{port}: the port is in use or the address is not "
+        "this machine's; choose another with RUSTIC_AGENT_HOST_LISTEN"), out.stderr
 
 
 def test_local_with_an_unreachable_redis_url_fails_at_once():
