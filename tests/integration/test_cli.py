@@ -196,8 +196,8 @@ def test_local_with_an_unreachable_redis_url_fails_at_once():
 
 
 def path_without_redis_server() -> str:
-    dirs = [d for d in os.environ["PATH"].split(os.pathsep) if d and not os.access(os.path.join(d, "redis-server"), os.X_OK)]
-    path = os.pathsep.join(dirs)
+    dirs = os.environ["PATH"].split(os.pathsep)
+    path = os.pathsep.join(d for d in dirs if d and not os.access(os.path.join(d, "redis-server"), os.X_OK))
     assert shutil.which("redis-server", path=path) is None
     return path
 

