@@ -151,6 +151,7 @@ def test_unreachable_redis_is_one_clear_line_and_a_failure(command, key_prefix):
     assert out.returncode == 1, out.stdout + out.stderr
     line = one_line_error(out)
     assert line.startswith(f"rustic-k8s {command[0]}: Redis unreachable") and "127.0.0.1:1" in line, line
+    assert line.endswith("(is Redis up at redis://127.0.0.1:1/0? set RUSTIC_K8S_REDIS_URL or --redis-url)"), line
 
 
 @pytest.mark.parametrize(

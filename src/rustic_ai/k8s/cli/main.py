@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from ..base.errors import ConfigError, RusticK8sError
+from ..base.errors import ConfigError, RegistryUnavailableError, RusticK8sError
 from ..base.models import AgentKey, AgentRecord
 from ..base.redact import redact_url
 from ..base.settings import EngineSettings, HostSettings
@@ -65,7 +65,7 @@ def _where(settings: EngineSettings) -> str:
 async def _fleet(args: argparse.Namespace):
     from ..engine import AsyncK8sEngine
 
-    return AsyncK8sEngine(_settings(args), stop_agents_on_shutdown=False)
+    return AsyncK8sEngine(args.settings, stop_agents_on_shutdown=False)
 
 
 async def cmd_hosts(args: argparse.Namespace) -> int:
@@ -210,10 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "local":
             return _local(args)
+        args.settings = _settings(args)
         return asyncio.run(handlers[args.command](args))
     except ConfigError as exc:
         print(f"rustic-k8s {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except RegistryUnavailableError as exc:
+        print(f"rustic-k8s {args.command}: {exc} (is Redis up at {redact_url(args.settings.redis_url)}? "
+              "set RUSTIC_K8S_REDIS_URL or --redis-url)", file=sys.stderr)
+        return 1
     except RusticK8sError as exc:
         print(f"rustic-k8s {args.command}: {exc}", file=sys.stderr)
         return 1
