@@ -181,8 +181,10 @@ def test_a_host_whose_port_is_taken_says_which_setting_to_change(redis_url, key_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = run("rustic_ai.k8s.cli.agent_host", "--listen", f"127.0.0.1:{port}", "--redis-url", redis_url,
-                  "--key-prefix", key_prefix, timeout=60)
+        # The flag wins over the environment's (free) address.
+        out = run("rustic_ai.k8s.cli.agent_host", "--listen", f"127.0.0.1:{port}", timeout=60,
+                  env={"RUSTIC_AGENT_HOST_LISTEN": "127.0.0.1:0", "RUSTIC_K8S_REDIS_URL": redis_url,
+                       "RUSTIC_K8S_KEY_PREFIX": key_prefix})
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].endswith(
