@@ -41,3 +41,11 @@ def test_every_setting_is_documented():
     for cls in (HostSettings, EngineSettings):
         for env, _default, doc in cls.describe():
             assert env.startswith(("RUSTIC_K8S_", "RUSTIC_AGENT_HOST_")) and doc
+
+
+def test_a_flag_beats_the_environment_and_a_flag_left_out_does_not_hide_it():
+    env = {"RUSTIC_K8S_REDIS_URL": "redis://from-env:1/0", "RUSTIC_K8S_KEY_PREFIX": "env-prefix"}
+    # What the CLI passes when --redis-url is given and --key-prefix is not (argparse's None).
+    s = EngineSettings.from_env(env, redis_url="redis://from-flag:2/0", key_prefix=None)
+    assert (s.redis_url, s.key_prefix) == ("redis://from-flag:2/0", "env-prefix")
+    assert EngineSettings.from_env({}, redis_url=None).redis_url == "redis://127.0.0.1:6379/0"

@@ -53,13 +53,19 @@ class _EnvSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """Each field from, in order: its override (a flag), its environment variable, its default.
+
+        An override of None means "not given" (an argparse flag left out), so the
+        environment still counts for that field.
+        """
         env = os.environ if environ is None else environ
+        given = {k: v for k, v in overrides.items() if v is not None}
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             name = f.metadata.get("env")
-            if name and name in env and f.name not in overrides:
+            if name and name in env and f.name not in given:
                 values[f.name] = _convert(env[name], _type_of(f), name)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(given)
         settings = cls(**values)
         settings.validate()  # type: ignore[attr-defined]
         return settings

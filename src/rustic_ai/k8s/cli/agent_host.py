@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from ..base.errors import ConfigError
+from ..base.errors import ConfigError, RusticK8sError
 from ..base.settings import HostSettings
 from ..host import AgentHost
 from .logs import configure_logging
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return 2
-    except OSError as exc:
+    except (OSError, RusticK8sError) as exc:
         log.error("could not start: %s", exc)
         return 1
     return 0

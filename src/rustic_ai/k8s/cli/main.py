@@ -1,6 +1,6 @@
 """`rustic-k8s`: run a local cluster and operate a fleet from a terminal.
 
-    rustic-k8s local [--hosts N] [--agents N] [--launch-mode warm|cold] [--exit]
+    rustic-k8s local [--hosts N] [--agents N] [--launch-mode warm|cold] [--redis-url URL] [--exit]
     rustic-k8s hosts  [-o json]
     rustic-k8s agents [--guild G] [-o json]
     rustic-k8s agent GUILD AGENT [--lines N] [-o json]
@@ -8,8 +8,11 @@
     rustic-k8s drain HOST [--no-wait]
     rustic-k8s certs --out DIR [--namespace NS] [--engine NAME ...]
 
+Every setting comes from its flag, else its environment variable, else its default.
 Fleet commands read the registry (--redis-url / RUSTIC_K8S_REDIS_URL, --key-prefix /
-RUSTIC_K8S_KEY_PREFIX) and ask hosts over gRPC.
+RUSTIC_K8S_KEY_PREFIX, and the rest of the engine's settings from the environment) and ask
+hosts over gRPC. Errors are one line on stderr, never a traceback: exit 2 for a bad
+setting, 1 for anything else (Redis unreachable, no such agent).
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any
 
-from ..base.errors import RusticK8sError
+from ..base.errors import ConfigError, RegistryUnavailableError, RusticK8sError
 from ..base.models import AgentKey, AgentRecord
-from ..base.settings import EngineSettings
+from ..base.redact import redact_url
+from ..base.settings import EngineSettings, HostSettings
 from . import certs
 
 
@@ -50,12 +55,19 @@ def _agent_row(r: AgentRecord) -> dict[str, Any]:
             "exit": "" if r.exit_code is None else r.exit_code}
 
 
+def _settings(args: argparse.Namespace) -> EngineSettings:
+    # None (a flag left out) means "not given": the environment, then the default, decide.
+    return EngineSettings.from_env(redis_url=args.redis_url, key_prefix=args.key_prefix)
+
+
+def _where(settings: EngineSettings) -> str:
+    return f"{redact_url(settings.redis_url)} (prefix {settings.key_prefix})"
+
+
 async def _fleet(args: argparse.Namespace):
     from ..engine import AsyncK8sEngine
 
-    overrides = {"redis_url": args.redis_url, "key_prefix": args.key_prefix}
-    settings = EngineSettings.from_env(**overrides)
-    return AsyncK8sEngine(settings, stop_agents_on_shutdown=False)
+    return AsyncK8sEngine(args.settings, stop_agents_on_shutdown=False)
 
 
 async def cmd_hosts(args: argparse.Namespace) -> int:
@@ -63,6 +75,8 @@ async def cmd_hosts(args: argparse.Namespace) -> int:
         hosts = await eng.registry.list_hosts()
     if args.output == "json":
         print(json.dumps([dataclasses.asdict(h) for h in hosts], default=str, indent=2))
+    elif not hosts:
+        print(f"no agent hosts registered in {_where(eng.settings)}")
     else:
         print(_table([{"address": h.address, "name": h.name, "state": str(h.state),
                        "agents": f"{h.agents}/{h.capacity}", "uptime": _age(h.started_at), "version": h.version}
@@ -85,6 +99,11 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     records.sort(key=lambda r: (r.guild_id, r.agent_id))
     if args.output == "json":
         print(json.dumps([{**dataclasses.asdict(r), "output": None} for r in records], default=str, indent=2))
+    elif not hosts:
+        print(f"no agent hosts registered in {_where(eng.settings)}")
+    elif not records:
+        guild = f" of guild {args.guild}" if args.guild else ""
+        print(f"no agents{guild} on the {len(hosts)} agent host(s) registered in {_where(eng.settings)}")
     else:
         print(_table([_agent_row(r) for r in records],
                      ["guild", "id", "name", "class", "host", "pid", "state", "restarts", "exit"]))
@@ -108,7 +127,7 @@ async def cmd_stop(args: argparse.Namespace) -> int:
     async with await _fleet(args) as eng:
         record = await eng.registry.get_agent(AgentKey(args.guild, args.agent))
         if record is None:
-            print(f"agent {args.guild}/{args.agent} is not registered", file=sys.stderr)
+            print(f"agent {args.guild}/{args.agent} is not registered in {_where(eng.settings)}", file=sys.stderr)
             return 1
         await eng.stop_agent(args.guild, args.agent)
     print(f"stopped {args.guild}/{args.agent} on {record.host}")
@@ -118,7 +137,7 @@ async def cmd_stop(args: argparse.Namespace) -> int:
 async def cmd_drain(args: argparse.Namespace) -> int:
     async with await _fleet(args) as eng:
         if not await eng.registry.request_drain(args.host, f"rustic-k8s drain ({args.reason})"):
-            print(f"no live host {args.host} (see `rustic-k8s hosts`)", file=sys.stderr)
+            print(f"no live host {args.host} in {_where(eng.settings)} (see `rustic-k8s hosts`)", file=sys.stderr)
             return 1
         print(f"drain requested for {args.host}; its agents move to other hosts", flush=True)
         if not args.wait:
@@ -141,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="run a guild's agents across local agent hosts (Ctrl-C stops all)")
     local.add_argument("--hosts", type=int, default=2, help="agent hosts to start (default 2)")
     local.add_argument("--agents", type=int, default=4, help="relay agents in the demo guild (default 4)")
-    local.add_argument("--launch-mode", choices=["warm", "cold"], default="warm")
+    local.add_argument("--launch-mode", choices=["warm", "cold"], default=None,
+                       help="default: RUSTIC_AGENT_HOST_LAUNCH_MODE or warm")
+    local.add_argument("--redis-url", default=None,
+                       help="use this Redis (default: REDIS_URL, else a private redis-server from PATH, else the "
+                            "embedded one)")
     local.add_argument("--exit", action="store_true", help="stop after the demo instead of waiting for Ctrl-C")
 
     def fleet(name: str, help_: str) -> argparse.ArgumentParser:
@@ -170,23 +193,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _local(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .logs import configure_logging
+
+    if args.hosts < 1 or args.agents < 1:
+        raise ConfigError(f"--hosts {args.hosts} --agents {args.agents}: the demo needs at least one of each")
+    # The hosts' own settings (flag, else environment, else default), checked here so a bad
+    # value is one line from this command rather than a host that does not start.
+    host = HostSettings.from_env(launch_mode=args.launch_mode)
+    configure_logging("WARNING")
+    return asyncio.run(run_demo(args.hosts, args.agents, host.launch_mode, stay=not args.exit,
+                                capacity=host.capacity, redis_url=args.redis_url or os.environ.get("REDIS_URL")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "local":
-        from .demo import run_demo
-        from .logs import configure_logging
-
-        configure_logging("WARNING")
-        return asyncio.run(run_demo(args.hosts, args.agents, args.launch_mode, stay=not args.exit))
+    handlers = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop, "drain": cmd_drain}
     if args.command == "certs":
         return certs.run(args)
-    handler = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop,
-               "drain": cmd_drain}[args.command]
     try:
-        return asyncio.run(handler(args))
+        if args.command == "local":
+            return _local(args)
+        args.settings = _settings(args)
+        return asyncio.run(handlers[args.command](args))
+    except ConfigError as exc:
+        print(f"rustic-k8s {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except RegistryUnavailableError as exc:
+        print(f"rustic-k8s {args.command}: {exc} (is Redis up at {redact_url(args.settings.redis_url)}? "
+              "set RUSTIC_K8S_REDIS_URL or --redis-url)", file=sys.stderr)
+        return 1
     except RusticK8sError as exc:
         print(f"rustic-k8s {args.command}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"rustic-k8s {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -231,19 +231,13 @@ class GrpcHostServer:
         )
         pb_grpc.add_AgentHostServiceServicer_to_server(_Servicer(self._api, self._observer, self._policy), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        if self._credentials is None:
-            self.port = server.add_insecure_port(self._listen)
-        else:
-            self.port = server.add_secure_port(self._listen, self._credentials)
-        if self.port == 0:
-            raise OSError(f"could not bind gRPC server to {self._listen}")
+        self.port = _bind(server, self._listen, self._credentials, "gRPC server", "RUSTIC_AGENT_HOST_LISTEN")
         if self._health_listen:
             # A server of its own: every port of one grpc server serves every service on it.
             health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
-            self.health_port = health_server.add_insecure_port(self._health_listen)
-            if self.health_port == 0:
-                raise OSError(f"could not bind gRPC health server to {self._health_listen}")
+            self.health_port = _bind(health_server, self._health_listen, None, "gRPC health server",
+                                     "RUSTIC_AGENT_HOST_HEALTH_LISTEN")
             await health_server.start()
             self._health_server = health_server
         await server.start()
@@ -276,3 +270,21 @@ class GrpcHostServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str,
+          setting: str) -> int:
+    """The bound port; OSError naming the setting when the address cannot be had.
+
+    grpc reports a failed bind by returning 0 (older releases) or raising RuntimeError
+    (newer), and names neither the cause nor the setting.
+    """
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"{what} cannot listen on {address}: the port is in use or the address is not this "
+                      f"machine's; choose another with {setting}")
+    return port
