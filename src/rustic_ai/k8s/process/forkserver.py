@@ -48,6 +48,7 @@ SIGCHLD through ``signal.set_wakeup_fd``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import json
@@ -99,7 +100,21 @@ def preload(extra: list[str]) -> list[str]:
         except Exception as exc:  # a child then imports (or fails on) it itself, as a cold start would
             level = logging.DEBUG if name in OPTIONAL_PRELOAD else logging.WARNING
             log.log(level, "preload of %s failed: %s: %s", name, type(exc).__name__, exc)
+    _read_redis_version_once()
     return done
+
+
+def _read_redis_version_once() -> None:
+    """redis-py reads its own version from the installed package's metadata (a file read and a
+    header parse, 1-2 ms) each time it builds a client, and every agent builds one while it
+    launches. It cannot change while the process lives: read it here, once, for every fork."""
+    try:
+        import redis.utils
+    except ImportError:
+        return
+    if not hasattr(redis.utils.get_lib_version, "cache_info"):
+        redis.utils.get_lib_version = functools.cache(redis.utils.get_lib_version)
+    redis.utils.get_lib_version()
 
 
 def os_thread_count() -> int:
