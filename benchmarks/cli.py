@@ -6,7 +6,9 @@ writes the results, a chart and a summary table with pass/fail per target.
 
 Full runs write ``benchmarks/results/latest.json`` and ``launch_latency.png``; runs with
 ``--only`` or ``--quick`` write ``latest-partial.json`` and ``launch_latency-partial.png`` so
-they never overwrite the numbers the README quotes.
+they never overwrite the numbers the README quotes. Any run of the guild scenario (launch
+through ``Guild.launch_agent``, guild_launch.py), but a quick one, also writes its rows to
+``guild_launch.json``.
 """
 
 from __future__ import annotations
@@ -291,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                    "leftover_processes": left}]
     json_path = out_dir / f"latest{suffix}.json"
     json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    guild_rows = [r for r in rows if r.get("scenario") == "guild_launch_to_first_reply"]
+    if guild_rows and not args.quick:  # its own file: partial runs of other scenarios leave it alone
+        guild_doc = {"command": " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
+                     "timestamp": stamp, "machine": machine, "rows": guild_rows,
+                     "target": next((v for v in verdicts if v["target"].startswith("through Guild")), None)}
+        (out_dir / "guild_launch.json").write_text(json.dumps(guild_doc, indent=1, default=str) + "\n")
     (out_dir / f"summary{suffix}.txt").write_text(table + "\n")
     print(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
           + (f", {chart.relative_to(ROOT) if chart.is_relative_to(ROOT) else chart}" if chart_note is None else "")

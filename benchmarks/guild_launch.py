@@ -268,6 +268,84 @@ def run_scenario(engines: list[str], n: int, warmup: int, log_dir: Path) -> list
     return rows
 
 
+# -- where the time goes (``python -m benchmarks.profile guild``) -------------------------------------
+
+# (label, class path, method) timed in the caller's process; the host's and the agent's share is
+# what create_agent takes (the host's own steps: benchmarks.profile steps and pyspy).
+_TIMED = [
+    ("Guild.launch_agent (all of it)", "rustic_ai.core.guild.guild.Guild", "launch_agent"),
+    ("  facade is_agent_running (with thread hops)", "rustic_ai.k8s.engine.sync_engine.K8sExecutionEngine",
+     "is_agent_running"),
+    ("    on the engine loop", "rustic_ai.k8s.engine.engine.AsyncK8sEngine", "is_agent_running"),
+    ("  Guild.to_spec", "rustic_ai.core.guild.guild.Guild", "to_spec"),
+    ("  facade run_agent (with thread hops)", "rustic_ai.k8s.engine.sync_engine.K8sExecutionEngine", "run_agent"),
+    ("    build_request (specs to JSON)", "rustic_ai.k8s.engine.engine.AsyncK8sEngine", "build_request"),
+    ("    launch, on the engine loop", "rustic_ai.k8s.engine.engine.AsyncK8sEngine", "launch"),
+    ("      registry set_desired", "rustic_ai.k8s.registry.registry.LocationRegistry", "set_desired"),
+    ("      Health probe (hosts not heard from lately)", "rustic_ai.k8s.engine.engine.AsyncK8sEngine", "_probe"),
+    ("      create_agent: host, fork, agent build", "rustic_ai.k8s.protocol.client.HostClient", "create_agent"),
+]
+
+
+def _timer(samples: list[float], fn: Any) -> Any:
+    import functools
+    import inspect
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def timed_async(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                samples.append(ms(time.perf_counter() - t))
+        return timed_async
+
+    @functools.wraps(fn)
+    def timed(*a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            samples.append(ms(time.perf_counter() - t))
+    return timed
+
+
+def profile(n: int, warmup: int = 2) -> int:
+    """Medians of each step of Guild.launch_agent -> first reply for K8sExecutionEngine, in one process."""
+    import importlib
+
+    samples: dict[str, list[float]] = {label: [] for label, _, _ in _TIMED}
+    for label, path, method in _TIMED:
+        module, _, cls_name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        setattr(cls, method, _timer(samples[label], getattr(cls, method)))
+    backend = _Backend("k8s-warm")
+    backend.start()
+    totals: list[float] = []
+    try:
+        for i in range(warmup + n):
+            if i == warmup:
+                for values in samples.values():
+                    values.clear()
+            got = _launch_once(backend, i)
+            if "error" in got:
+                print(f"launch {i}: {got['error']}")
+            elif i >= warmup:
+                totals.append(got["total_ms"])
+    finally:
+        backend.close()
+    print(f"K8sExecutionEngine through an unchanged Guild: {len(totals)} launches after {warmup} warm-ups, "
+          f"a fresh guild each; median ms")
+    print(f"  {'launch -> first reply':52s} {percentile(totals, 50):7.2f}")
+    for label, _, _ in _TIMED:
+        values = samples[label]
+        per_launch = len(values) / max(1, len(totals))
+        print(f"  {label:52s} {percentile(values, 50) if values else 0.0:7.2f}"
+              + (f"   ({per_launch:.1f} calls per launch)" if values and per_launch != 1 else ""))
+    return 0
+
+
 def main() -> int:
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
