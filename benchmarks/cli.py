@@ -1,4 +1,4 @@
-"""The orchestrator: ``scripts/dev bench [--only launch,burst,...] [--quick]``.
+"""The orchestrator: ``scripts/dev bench [--only launch,guild,burst,...] [--quick]``.
 
 Runs every selected scenario in worker processes (``benchmarks.worker``), one after the
 other (the machine has two cores; workers side by side would measure each other), then
@@ -6,7 +6,9 @@ writes the results, a chart and a summary table with pass/fail per target.
 
 Full runs write ``benchmarks/results/latest.json`` and ``launch_latency.png``; runs with
 ``--only`` or ``--quick`` write ``latest-partial.json`` and ``launch_latency-partial.png`` so
-they never overwrite the numbers the README quotes.
+they never overwrite the numbers the README quotes. Any run of the guild scenario (launch
+through ``Guild.launch_agent``, guild_launch.py), but a quick one, also writes its rows to
+``guild_launch.json``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import guild_launch
 from .common import cmdline, descendants_of, is_zombie, machine_info
 from .report import render_table, targets, write_chart
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("launch", "burst", "memory", "registry", "density")
+SCENARIOS = ("launch", "guild", "burst", "memory", "registry", "density")
 ENGINES = ("k8s-warm", "k8s-warm-preload", "k8s-cold", "multiprocess", "multithreaded", "ray")
 # k8s-warm-preload (hosts started with RUSTIC_AGENT_HOST_PRELOAD=<the agents' module>) is for
 # comparison by hand: since the fork server learns agent modules itself it measures the same.
@@ -39,9 +42,11 @@ DEFAULT_ENGINES = ("k8s-warm", "k8s-cold", "multiprocess", "multithreaded", "ray
 PR_SET_CHILD_SUBREAPER = 36
 
 FULL = {"n": 15, "warmup": 2, "memory_agents": 10, "burst_agents": 50, "registry_agents": 10_000,
-        "registry_calls": 2000, "guild_calls": 1000, "density_agents": 100, "worker_timeout_s": 420}
+        "registry_calls": 2000, "guild_calls": 1000, "density_agents": 100, "worker_timeout_s": 420,
+        "guild_n": 25}
 QUICK = {"n": 5, "warmup": 1, "memory_agents": 10, "burst_agents": 50, "registry_agents": 2000,
-         "registry_calls": 500, "guild_calls": 200, "density_agents": 30, "worker_timeout_s": 240}
+         "registry_calls": 500, "guild_calls": 200, "density_agents": 30, "worker_timeout_s": 240,
+        "guild_n": 7}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma-separated scenarios ({', '.join(SCENARIOS)}); default all")
     p.add_argument("--engines", default="", help=f"comma-separated engines for launch/memory ({', '.join(ENGINES)})")
+    p.add_argument("--guild-engines", default="",
+                   help=f"comma-separated engines for the guild scenario ({', '.join(guild_launch.DEFAULT_ENGINES)})")
     p.add_argument("--quick", action="store_true", help="fewer launches and agents: a smoke run of a minute or two")
     p.add_argument("--out", default=str(RESULTS), help="results directory (default benchmarks/results)")
     p.add_argument("--rerender", metavar="JSON", default="",
@@ -62,6 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [e for e in args.engine_list if e not in ENGINES]
     if bad:
         p.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    args.guild_engine_list = ([e.strip() for e in args.guild_engines.split(",") if e.strip()]
+                              or list(guild_launch.DEFAULT_ENGINES))
+    bad = [e for e in args.guild_engine_list if e not in guild_launch.ENGINE_CLASSES]
+    if bad:
+        p.error(f"unknown guild engine(s) {bad}; choose from {', '.join(guild_launch.ENGINE_CLASSES)}")
     return args
 
 
@@ -76,6 +88,9 @@ def plan(args: argparse.Namespace, size: dict[str, Any]) -> list[dict[str, Any]]
         jobs.append({"task": "engine", "engine": engine, "scenarios": wanted, "n": size["n"],
                      "warmup": size["warmup"], "memory_agents": size["memory_agents"],
                      "burst_agents": size["burst_agents"]})
+    if "guild" in args.scenarios:
+        jobs.append({"task": "guild", "engines": args.guild_engine_list, "n": size["guild_n"],
+                     "warmup": size["warmup"]})
     if "registry" in args.scenarios:
         jobs.append({"task": "registry", "agents": size["registry_agents"], "guild_size": 100,
                      "calls": size["registry_calls"], "guild_calls": size["guild_calls"]})
@@ -204,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerender:
         return rerender(Path(args.rerender))
     size = QUICK if args.quick else FULL
-    partial = args.quick or args.scenarios != list(SCENARIOS) or args.engine_list != list(DEFAULT_ENGINES)
+    partial = (args.quick or args.scenarios != list(SCENARIOS) or args.engine_list != list(DEFAULT_ENGINES)
+               or args.guild_engine_list != list(guild_launch.DEFAULT_ENGINES))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = out_dir / "logs"
@@ -234,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if ray_missing:
         jobs = [j for j in jobs if j.get("engine") != "ray"]
+        for job in jobs:
+            if job["task"] == "guild" and "ray" in job["engines"]:
+                job["engines"] = [e for e in job["engines"] if e != "ray"]
+                print("\nnotice: rusticai-ray is not installed, so the guild scenario skips RayExecutionEngine")
+                rows.append({"engine": "RayExecutionEngine", "engine_key": "ray",
+                             "scenario": "guild_launch_to_first_reply",
+                             "skipped": "rusticai-ray is not installed (pip install -e '.[ray]')"})
         if "ray" in args.engine_list and {"launch", "memory"} & set(args.scenarios):
             print("\nnotice: rusticai-ray is not installed, so RayExecutionEngine is skipped "
                   "(pip install -e '.[ray]' adds it)")
@@ -242,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     try:
         for job in jobs:
-            rows += run_worker(job, log_dir, size["worker_timeout_s"])
+            if job["task"] == "guild":
+                rows += guild_launch.run_scenario(job["engines"], job["n"], job["warmup"], log_dir)
+            else:
+                rows += run_worker(job, log_dir, size["worker_timeout_s"])
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up")
         check_leftovers()
@@ -267,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                    "leftover_processes": left}]
     json_path = out_dir / f"latest{suffix}.json"
     json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    guild_rows = [r for r in rows if r.get("scenario") == "guild_launch_to_first_reply"]
+    if guild_rows and not args.quick:  # its own file: partial runs of other scenarios leave it alone
+        guild_doc = {"command": " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
+                     "timestamp": stamp, "machine": machine, "rows": guild_rows,
+                     "target": next((v for v in verdicts if v["target"].startswith("through Guild")), None)}
+        (out_dir / "guild_launch.json").write_text(json.dumps(guild_doc, indent=1, default=str) + "\n")
     (out_dir / f"summary{suffix}.txt").write_text(table + "\n")
     print(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
           + (f", {chart.relative_to(ROOT) if chart.is_relative_to(ROOT) else chart}" if chart_note is None else "")

@@ -230,6 +230,34 @@ class MultiThreadedAdapter(_CoreEngineAdapter):
         self.engine = MultiThreadedEngine("bench", ORG)
 
 
+def start_local_ray() -> list[str]:
+    """A local Ray runtime set up the same way for every Ray measurement; returns notes on it."""
+    # Before Ray is imported: with this off, Ray treats the machine as a one-node
+    # "cluster" on 127.0.0.1 and binds every server (GCS, raylet, agents, workers)
+    # to loopback instead of all interfaces.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # RayAgentWrapper installs a SimpleSpanProcessor with an OTLP exporter to
+    # localhost:4318; with no collector there every span export retries for ~7 s
+    # inside the agent, before it answers. Measured without tracing.
+    os.environ["OTEL_SDK_DISABLED"] = "true"
+    # Ray schedules an agent actor on 0.3 logical CPUs by default: six per two cores,
+    # fewer than the memory scenario keeps idle at once. 0.1 lets 20 be scheduled.
+    os.environ["RUSTIC_NUM_CPUS_PER_AGENT"] = "0.1"
+    import ray
+
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        _node_ip_address="127.0.0.1",
+    )
+    return [f"local Ray {ray.__version__} started by ray.init() on 127.0.0.1 (not timed); "
+            "RUSTIC_NUM_CPUS_PER_AGENT=0.1 so 10+ idle agents fit on 2 logical CPUs",
+            "OTEL_SDK_DISABLED=true: RayAgentWrapper's OTLP span exporter has no collector here "
+            "and would stall each reply ~7 s in export retries"]
+
+
 class RayAdapter(_PrivateRedisAdapter):
     key = "ray"
 
@@ -237,34 +265,11 @@ class RayAdapter(_PrivateRedisAdapter):
         self.notes = []
 
     async def start(self) -> None:
-        # Before Ray is imported: with this off, Ray treats the machine as a one-node
-        # "cluster" on 127.0.0.1 and binds every server (GCS, raylet, agents, workers)
-        # to loopback instead of all interfaces.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        # RayAgentWrapper installs a SimpleSpanProcessor with an OTLP exporter to
-        # localhost:4318; with no collector there every span export retries for ~7 s
-        # inside the agent, before it answers. Measured without tracing.
-        os.environ["OTEL_SDK_DISABLED"] = "true"
-        # Ray schedules an agent actor on 0.3 logical CPUs by default: six per two cores,
-        # fewer than the memory scenario keeps idle at once. 0.1 lets 20 be scheduled.
-        os.environ["RUSTIC_NUM_CPUS_PER_AGENT"] = "0.1"
-        import ray
-
         await super().start()
-        ray.init(
-            num_cpus=os.cpu_count() or 2,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            _node_ip_address="127.0.0.1",
-        )
+        self.notes.extend(start_local_ray())
         from rustic_ai.ray.execution import RayExecutionEngine
 
         self.engine = RayExecutionEngine("bench", ORG)
-        self.notes.append(f"local Ray {ray.__version__} started by ray.init() on 127.0.0.1 (not timed); "
-                          "RUSTIC_NUM_CPUS_PER_AGENT=0.1 so 10+ idle agents fit on 2 logical CPUs")
-        self.notes.append("OTEL_SDK_DISABLED=true: RayAgentWrapper's OTLP span exporter has no collector here "
-                          "and would stall each reply ~7 s in export retries")
 
     async def close(self) -> None:
         import ray

@@ -1,4 +1,4 @@
-"""Where a warm launch spends its time: ``.venv/bin/python -m benchmarks.profile [steps|pyspy]``.
+"""Where a warm launch spends its time: ``.venv/bin/python -m benchmarks.profile [steps|pyspy|guild]``.
 
 ``steps`` (the default) times the agent side of a warm launch step by step, in children
 forked from a process that imported what a fresh fork server imports (and then, a second
@@ -15,6 +15,11 @@ responders one after the other exactly as the launch scenario does, and sums the
 samples by phase. py-spy samples on-CPU stacks only: waiting on Redis or a pipe does not
 show, so this says where the CPU goes, and the launch scenario says how long it takes.
 Needs py-spy (``pip install py-spy``; part of the ``bench`` extra).
+
+``guild`` times the caller's side of ``Guild.launch_agent`` with ``K8sExecutionEngine`` (what
+users call): the Guild's own ``is_agent_running`` and ``to_spec``, the facade's calls with
+their hops to the background loop, the engine's steps on the loop, and ``create_agent``
+(the host, the fork and the agent's build), medians over N launches, each in a fresh guild.
 """
 
 from __future__ import annotations
@@ -164,7 +169,7 @@ def run_steps(n: int) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="steps", choices=["steps", "pyspy"])
+    p.add_argument("mode", nargs="?", default="steps", choices=["steps", "pyspy", "guild"])
     p.add_argument("--launches", type=int, default=20)
     p.add_argument("--preload", action="store_true", help=f"hosts preload {AGENT_MODULE}")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -172,6 +177,10 @@ def main() -> None:
     args = p.parse_args()
     if args.mode == "steps":
         sys.exit(run_steps(args.launches))
+    if args.mode == "guild":
+        from .guild_launch import profile
+
+        sys.exit(profile(args.launches))
     sys.exit(asyncio.run(run(args.launches, args.preload, args.rate, args.raw)))
 
 

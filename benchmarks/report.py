@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ENGINE_ORDER = ["k8s-warm", "k8s-warm-preload", "k8s-cold", "multiprocess", "multithreaded", "ray"]
+ENGINE_ORDER = ["k8s-warm", "k8s-warm-preload", "k8s-cold", "multiprocess", "multithreaded", "sync", "ray"]
 TARGET_LAUNCH_RATIO = 1.5
+TARGET_GUILD_RATIO = 1.0  # through Guild.launch_agent, what users call
 TARGET_LAUNCH_MS = 100.0
 TARGET_BURST_MS = 5000.0
 TARGET_PSS_MB = 30.0
@@ -21,8 +22,8 @@ def _find(rows: list[dict[str, Any]], key: str, scenario: str) -> dict[str, Any]
     return None
 
 
-def _mp_p50(rows: list[dict[str, Any]]) -> float | None:
-    mp = _find(rows, "multiprocess", "launch_to_first_reply")
+def _mp_p50(rows: list[dict[str, Any]], scenario: str = "launch_to_first_reply") -> float | None:
+    mp = _find(rows, "multiprocess", scenario)
     return mp.get("p50_ms") if mp and mp.get("n") else None
 
 
@@ -30,9 +31,11 @@ def targets(rows: list[dict[str, Any]], quick: bool = False) -> list[dict[str, A
     """One verdict per target: pass True/False, or None when it was not measured."""
     out: list[dict[str, Any]] = []
     mp = _mp_p50(rows)
-    for r in rows:  # ratios against MultiProcessExecutionEngine's p50 of the same run
-        if r.get("scenario") == "launch_to_first_reply" and mp and r.get("p50_ms"):
-            r["vs_multiprocess_p50"] = r["p50_ms"] / mp
+    mp_guild = _mp_p50(rows, "guild_launch_to_first_reply")
+    for r in rows:  # ratios against MultiProcessExecutionEngine's p50 of the same run (and path)
+        base = {"launch_to_first_reply": mp, "guild_launch_to_first_reply": mp_guild}.get(r.get("scenario"))
+        if base and r.get("p50_ms"):
+            r["vs_multiprocess_p50"] = r["p50_ms"] / base
 
     def add(target: str, row: dict[str, Any] | None, measured: str, ok: bool | None, note: str = "") -> None:
         out.append({"target": target, "engine": row.get("engine") if row else "", "measured": measured,
@@ -46,6 +49,14 @@ def targets(rows: list[dict[str, Any]], quick: bool = False) -> list[dict[str, A
             ratio <= TARGET_LAUNCH_RATIO and warm["p50_ms"] < TARGET_LAUNCH_MS)
     else:
         add(t, warm, "not measured", None)
+
+    gwarm = _find(rows, "k8s-warm", "guild_launch_to_first_reply")
+    t = f"through Guild.launch_agent: launch→first reply p50 ≤ {TARGET_GUILD_RATIO}× MultiProcess p50 (interleaved)"
+    if gwarm and gwarm.get("n") and mp_guild:
+        ratio = gwarm["p50_ms"] / mp_guild
+        add(t, gwarm, f"{gwarm['p50_ms']:.1f} ms = {ratio:.2f}× MP {mp_guild:.1f} ms", ratio <= TARGET_GUILD_RATIO)
+    else:
+        add(t, gwarm, "not measured", None)
 
     burst = next((r for r in rows if r.get("engine_key") == "k8s-warm" and str(r.get("scenario", "")).startswith("burst")),
                  None)
@@ -124,7 +135,7 @@ def render_table(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> 
 
     def order(r: dict[str, Any]) -> tuple[int, int]:
         scen = str(r.get("scenario", ""))
-        groups = ["launch", "burst", "pss", "density", "is_agent", "get_agents"]
+        groups = ["launch", "guild", "burst", "pss", "density", "is_agent", "get_agents"]
         gi = next((i for i, g in enumerate(groups) if scen.startswith(g)), 99)
         key = r.get("engine_key", "")
         ei = ENGINE_ORDER.index(key) if key in ENGINE_ORDER else 50
@@ -142,6 +153,11 @@ def render_table(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> 
                 value += "; warm-ups " + ", ".join(f"{w:.0f}" for w in r["warmup_samples_ms"]) + " ms"
             lines.append(f"| launch → first reply | {eng} | {_fmt(r.get('p50_ms'))} ms | p95 {_fmt(r.get('p95_ms'))} ms "
                          f"| {r['n']} | {value} | {_fmt(r.get('vs_multiprocess_p50'), 2, '×')} |")
+        elif scen == "guild_launch_to_first_reply":
+            value = (f"launch_agent p50 {_fmt(r.get('launch_agent_p50_ms'))} ms; Guild() {_fmt(r.get('guild_construct_p50_ms'))}"
+                     f" ms (not timed); 1st hello answered {r.get('answered_first_publish')}/{r['n']}")
+            lines.append(f"| Guild.launch_agent → first reply | {eng} | {_fmt(r.get('p50_ms'))} ms | p95 "
+                         f"{_fmt(r.get('p95_ms'))} ms | {r['n']} | {value} | {_fmt(r.get('vs_multiprocess_p50'), 2, '×')} |")
         elif scen.startswith("burst"):
             total = r.get("all_answered_ms")
             value = (f"all {r['answered']}/{r['n']} answered after {_fmt(total / 1000 if total else None, 2)} s "

@@ -43,6 +43,7 @@ from rustic_ai.k8s.process import AgentProcessManager, ForkServerLauncher, make_
 from support.agents import CHATTY_LINES, HELPER_PID, Chatty, FailsOnInit, IgnoresSigterm, NeverReady, StartsHelper
 from support.deadlines import far
 from support.eventually import eventually
+from support.fleet import answers
 from support.hosts import pid_alive
 from support.probe import guild_spec, responder
 
@@ -379,6 +380,64 @@ async def test_fork_server_death_takes_its_agents_and_the_next_launch_restarts_i
     assert warm_launcher.starts == starts + 1 and warm_launcher.server_pid not in (None, old_server)
     assert parent_of(again.pid) == warm_launcher.server_pid
     assert await again.stop() == 0
+
+
+RESPONDER_MODULE = "rustic_ai.testing.execution.integration_agents"
+
+
+def children_of(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+async def spare_of(launcher: ForkServerLauncher, agents: set[int]) -> int:
+    """The fork server's child that is no agent: the one it forked ahead once idle for a moment.
+
+    A trial import (learning a module) is a short-lived child too: the responder's module is
+    learned first, and the spare is the one extra child that stays the same for a while."""
+    module = RESPONDER_MODULE
+    await eventually(lambda: module in launcher.learned or module in launcher.learn_refusals, timeout=10,
+                     what="the responder's module learned")
+    seen: list[int] = []
+
+    def check() -> int:
+        extra = [p for p in children_of(launcher.server_pid) - agents if pid_alive(p)]
+        seen.append(extra[0] if len(extra) == 1 else 0)
+        return seen[-1] if len(seen) >= 4 and len(set(seen[-4:])) == 1 else 0
+
+    return await eventually(check, timeout=10, interval=0.1, what="a spare child of the fork server")
+
+
+async def learned_responder(manager: AgentProcessManager, messaging) -> None:
+    proc = await manager.launch(request_for(messaging, agent_id="teacher"), far())
+    assert await proc.stop() == 0
+
+
+@warm_only
+async def test_a_warm_launch_takes_the_child_forked_ahead(warm_launcher, make_manager, messaging, probe_factory):
+    manager = await make_manager()
+    await learned_responder(manager, messaging)
+    spare = await spare_of(warm_launcher, set())
+    guild = gid()
+    proc = await manager.launch(request_for(messaging, guild=guild, agent_id="ahead"), far())
+    assert proc.pid == spare  # existed before the request: no fork on the launch's path
+    assert await answers(probe_factory(guild), "ahead")
+    assert await spare_of(warm_launcher, {proc.pid}) != spare  # the next one
+    assert await proc.stop() == 0
+
+
+@warm_only
+async def test_a_spare_that_died_unused_is_not_an_agent_and_is_replaced(warm_launcher, make_manager, messaging):
+    manager = await make_manager()
+    await learned_responder(manager, messaging)
+    spare = await spare_of(warm_launcher, set())
+    os.kill(spare, signal.SIGKILL)
+    await eventually(lambda: spare not in children_of(warm_launcher.server_pid), timeout=5, what="the spare reaped")
+    proc = await manager.launch(request_for(messaging, agent_id="after-spare"), far())
+    assert proc.pid != spare and parent_of(proc.pid) == warm_launcher.server_pid
+    replacement = await spare_of(warm_launcher, {proc.pid})
+    assert replacement not in (spare, proc.pid)
+    assert proc.exit_code is None and manager.live() == [proc]  # the dead spare was nobody's exit
+    assert await proc.stop() == 0
 
 
 async def test_measure_launch_time_and_memory(launcher, make_manager, messaging):

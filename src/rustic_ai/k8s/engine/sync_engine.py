@@ -5,10 +5,17 @@ rusticai-core's Guild builds engines from a class path with only ``guild_id`` an
 RUSTIC_K8S_REDIS_URL, RUSTIC_K8S_DISCOVERY, RUSTIC_K8S_HOSTS, ...). Each method runs
 the async engine's coroutine on the process's shared background loop and waits for it
 with a deadline a little longer than the call's own.
+
+A Guild builds one engine per guild, so the facades of a process share one AsyncK8sEngine
+per settings (shared.py: connections, channels, what it knows of the hosts); each facade
+keeps the set of agents it launched, and its ``shutdown`` stops those, as rusticai-core's
+engines do.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from rustic_ai.core.guild.agent import Agent
@@ -16,10 +23,13 @@ from rustic_ai.core.guild.dsl import AgentSpec, GuildSpec
 from rustic_ai.core.guild.execution.execution_engine import ExecutionEngine
 from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
 
-from ..base.models import AgentRecord, HostRecord
+from ..base.errors import HostUnavailableError
+from ..base.models import AgentKey, AgentRecord, HostRecord
 from ..base.settings import EngineSettings
-from .engine import AsyncK8sEngine
 from .loop import run_sync
+from .shared import shared_engine
+
+log = logging.getLogger(__name__)
 
 _MARGIN_S = 5.0
 
@@ -30,8 +40,9 @@ class K8sExecutionEngine(ExecutionEngine):
         self.settings = settings or EngineSettings.from_env()
         self._call_s = self.settings.call_timeout_s * 3 + _MARGIN_S
         self._launch_s = self.settings.launch_timeout_s * 2 + self.settings.call_timeout_s + _MARGIN_S
-        self.engine = AsyncK8sEngine(self.settings, organization_id=organization_id)
-        run_sync(self.engine.start(), self._call_s)
+        self.engine = shared_engine(self.settings, organization_id, self._call_s)
+        self._owned: set[AgentKey] = set()  # launched by this facade: its shutdown stops them
+        self._closed = False
 
     def run_agent(
         self,
@@ -44,12 +55,14 @@ class K8sExecutionEngine(ExecutionEngine):
         default_topic: str = "default_topic",
     ) -> Agent | None:
         """Launches the agent on a host. Returns None: the agent lives in another process."""
+        self._check_open()
         run_sync(
             self.engine.run_agent(
                 guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
             ),
             self._launch_s,
         )
+        self._owned.add(AgentKey(guild_spec.id, agent_spec.id))
         return None
 
     def get_agents_in_guild(self, guild_id: str) -> dict[str, AgentSpec]:
@@ -62,10 +75,29 @@ class K8sExecutionEngine(ExecutionEngine):
         return run_sync(self.engine.is_agent_running(guild_id, agent_id), self._call_s)
 
     def stop_agent(self, guild_id: str, agent_id: str) -> None:
+        self._check_open()
         run_sync(self.engine.stop_agent(guild_id, agent_id), self._launch_s)
+        self._owned.discard(AgentKey(guild_id, agent_id))
 
     def shutdown(self) -> None:
-        run_sync(self.engine.shutdown(), self._launch_s)
+        """Stops the agents this facade launched. Idempotent; the shared engine stays up for others."""
+        if self._closed:
+            return
+        self._closed = True
+        owned, self._owned = list(self._owned), set()
+        if owned:
+            run_sync(self._stop_all(owned), self._launch_s)
+
+    async def _stop_all(self, keys: list[AgentKey]) -> None:
+        results = await asyncio.gather(*(self.engine.stop_agent(k.guild_id, k.agent_id) for k in keys),
+                                       return_exceptions=True)
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("could not stop %s during shutdown: %s", key, result)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HostUnavailableError("engine is shut down")
 
     # Beyond the base interface: where things run.
     def list_agents(self, guild_id: str) -> list[AgentRecord]:

@@ -34,6 +34,15 @@ is opened by the server right after fork, before it can possibly reap the child,
 names that child even if its pid is recycled later. End of file on the socket (the host
 closed it or died) ends the server.
 
+A spare: forking the server and setting the child up (its process group, the parent-death
+signal, dropping the server's descriptors) was a few milliseconds of every launch. So the
+server keeps one child forked ahead that waits, already set up, on a socket of its own; a
+fork request hands the request's fds to it and answers with its pid at once, and the next
+spare is forked once the server has had nothing to do for SPARE_DELAY_S (a burst of
+requests is served first, by plain forks). A learned module makes the spare stale: it is
+replaced, so every child has what the server preloads. An unused spare dies with the
+server like any child.
+
 Life and death: the server arms PR_SET_PDEATHSIG(SIGKILL) against the host and each child
 arms it against the server, so the chain host -> server -> agent never leaves an agent
 behind a dead host. The price: if the fork server dies, the agents it forked die with it
@@ -48,6 +57,8 @@ SIGCHLD through ``signal.set_wakeup_fd``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -99,7 +110,21 @@ def preload(extra: list[str]) -> list[str]:
         except Exception as exc:  # a child then imports (or fails on) it itself, as a cold start would
             level = logging.DEBUG if name in OPTIONAL_PRELOAD else logging.WARNING
             log.log(level, "preload of %s failed: %s: %s", name, type(exc).__name__, exc)
+    _read_redis_version_once()
     return done
+
+
+def _read_redis_version_once() -> None:
+    """redis-py reads its own version from the installed package's metadata (a file read and a
+    header parse, 1-2 ms) each time it builds a client, and every agent builds one while it
+    launches. It cannot change while the process lives: read it here, once, for every fork."""
+    try:
+        import redis.utils
+    except ImportError:
+        return
+    if not hasattr(redis.utils.get_lib_version, "cache_info"):
+        redis.utils.get_lib_version = functools.cache(redis.utils.get_lib_version)
+    redis.utils.get_lib_version()
 
 
 def os_thread_count() -> int:
@@ -118,6 +143,22 @@ def _module_name_ok(name: object) -> bool:
     return isinstance(name, str) and 0 < len(name) < 256 and all(p.isidentifier() for p in name.split("."))
 
 
+SPARE_DELAY_S = 0.01  # idle time before the next spare child is forked
+
+
+class _Spare:
+    """A child forked ahead, set up, blocked until the server sends it a launch's fds."""
+
+    def __init__(self, pid: int, pidfd: int | None, sock: socket.socket) -> None:
+        self.pid, self.pidfd, self.sock = pid, pidfd, sock
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 class ForkServer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -126,6 +167,10 @@ class ForkServer:
         self.wakeup_r, self.wakeup_w = os.pipe()
         self.learning = os.environ.get(LEARN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self._trials: dict[int, tuple[str, float]] = {}  # pid of a trial-import child -> (module, started)
+        self._spare: _Spare | None = None
+        self._spare_sock: socket.socket | None = None  # in a spare: where its fds come from
+        self._dropped: set[int] = set()  # spares killed unused: their exits are no agent's
+        self._no_spare_until = 0.0  # after a failed spare fork, leave it for a while
 
     def serve(self, hello: dict[str, Any]) -> int:
         os.set_blocking(self.wakeup_w, False)
@@ -138,7 +183,13 @@ class ForkServer:
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
         self._send(hello)
         while True:
-            for key, _ in self.selector.select():
+            # Without a spare, wait at most SPARE_DELAY_S: quiet that long, fork the next one.
+            events = self.selector.select(None if self._spare is not None else SPARE_DELAY_S)
+            if not events:
+                if self._spare is None and time.monotonic() >= self._no_spare_until:
+                    self._fork_spare()
+                continue
+            for key, _ in events:
                 if key.data == "wakeup":
                     self._drain_wakeup()
                     self._reap()
@@ -166,7 +217,17 @@ class ForkServer:
             self._send({"event": "fork_error", "id": None, "message": str(exc)})
             return
         try:
-            pid = self._fork(fds)
+            spare = self._hand_to_spare(fds)
+            if spare is not None:
+                pid, pidfd = spare.pid, spare.pidfd
+                spare.pidfd = None
+                spare.close()
+            else:
+                pid = self._fork(fds)
+                try:
+                    pidfd = os.pidfd_open(pid)  # before the next _reap(): it names this very child
+                except OSError:
+                    pidfd = None
         except OSError as exc:
             self._send({"event": "fork_error", "id": req_id, "message": f"fork failed: {exc}"})
             return
@@ -174,21 +235,63 @@ class ForkServer:
             for fd in fds:  # the child has its copies; ours must go or the pipes never see EOF
                 os.close(fd)
         try:
-            pidfd = os.pidfd_open(pid)  # before the next _reap(): it names this very child
-        except OSError:
-            pidfd = None
-        try:
             self._send({"event": "forked", "id": req_id, "pid": pid}, [pidfd] if pidfd is not None else [])
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+    def _hand_to_spare(self, fds: list[int]) -> _Spare | None:
+        """The waiting spare, now holding ``fds``; None when there is none that is alive."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            socket.send_fds(spare.sock, [b"go"], fds)
+        except OSError:  # it died (its end is closed): fork one instead; _reap() collects it
+            spare.close()
+            return None
+        return spare
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self._no_spare_until = time.monotonic() + 5.0
+            log.warning("fork server: cannot fork a spare child: %s", exc)
+            return
+        if pid == 0:
+            ours.close()
+            self._spare_sock = theirs
+            become_agent(self)
+        theirs.close()
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+        self._spare = _Spare(pid, pidfd, ours)
+
+    def _drop_spare(self) -> None:
+        """The spare lacks something the server has since imported: the next one will have it."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare.pid, signal.SIGKILL)
+            self._dropped.add(spare.pid)
+            spare.close()
 
     def _fork(self, fds: list[int]) -> int:
         for stream in (sys.stdout, sys.stderr):  # or buffered server output would repeat in the child
             stream.flush()
         pid = os.fork()
         if pid == 0:
-            become_agent(self, *fds)
+            become_agent(self, fds)
         try:
             os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race
         except OSError:
@@ -243,6 +346,7 @@ class ForkServer:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
                 PRELOADED.append(module)
+                self._drop_spare()
                 self._send({"event": "learned", "module": module, "ok": True, "reason": ""})
                 return
         log.info("fork server: not preloading %s: %s", module, reason)
@@ -267,6 +371,14 @@ class ForkServer:
                 module, started = self._trials.pop(pid)
                 self._trial_done(module, os.waitstatus_to_exitcode(status), time.monotonic() - started)
                 continue
+            if pid in self._dropped:
+                self._dropped.discard(pid)
+                continue
+            if self._spare is not None and pid == self._spare.pid:  # died unused: no agent to report
+                log.warning("fork server: spare child %d exited unused (%s)", pid, os.waitstatus_to_exitcode(status))
+                self._spare.close()
+                self._spare = None
+                continue
             self._send({"event": "exit", "pid": pid, "exit": os.waitstatus_to_exitcode(status)})
 
     def _send(self, event: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -286,10 +398,16 @@ class ForkServer:
         self.sock.close()
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
+        if self._spare is not None:  # a sibling's socket: not ours to hold
+            self._spare.close()
+            self._spare = None
 
 
-def become_agent(server: ForkServer, stdin_fd: int, output_fd: int, control_fd: int, lease_fd: int) -> NoReturn:
-    """Runs in the forked child: becomes an agent process, never returns into the server loop."""
+def become_agent(server: ForkServer, fds: list[int] | None = None) -> NoReturn:
+    """Runs in the forked child: becomes an agent process, never returns into the server loop.
+
+    ``fds`` are the launch's (stdin, output, control, lease); a spare has none yet and waits
+    for them on its socket, set up meanwhile."""
     code = 1
     try:
         from rustic_ai.k8s.process import child
@@ -301,7 +419,16 @@ def become_agent(server: ForkServer, stdin_fd: int, output_fd: int, control_fd: 
             os.setpgid(0, 0)
         except OSError:
             pass
+        spare_sock = server._spare_sock
         server.release_in_child()
+        if fds is None:
+            assert spare_sock is not None
+            msg, fds, _flags, _addr = socket.recv_fds(spare_sock, 16, FDS_PER_FORK)
+            spare_sock.close()
+            if not msg or len(fds) != FDS_PER_FORK:  # the server closed it (dropped, or gone): never used
+                os._exit(0)
+            forked_at = time.monotonic()
+        stdin_fd, output_fd, control_fd, lease_fd = fds
         os.dup2(stdin_fd, 0)
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)

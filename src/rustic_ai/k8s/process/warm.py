@@ -441,6 +441,11 @@ class ForkServerLauncher(Launcher):
             cleanup.append(lambda: os.close(lease_w))
             stdin_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(stdin_w, "wb", buffering=0))
             cleanup[0] = stdin_transport.close
+            # Written before the fork, so the child finds its request waiting instead of waiting
+            # for us to hear its pid first: the transport puts what fits in the pipe now and the
+            # rest as the child reads, then end of file. No await.
+            stdin_transport.write(data)  # type: ignore[attr-defined]
+            stdin_transport.close()
             assert len(child_ends) == FDS_PER_FORK
             pid, pidfd, exit_code = await server.fork(child_ends)
         except BaseException:
@@ -452,8 +457,5 @@ class ForkServerLauncher(Launcher):
             # The child (if any) has its copies; ours must go, or its death would never read as EOF.
             for fd in child_ends:
                 os.close(fd)
-        # Buffered by the transport, written as the child reads, then end of file; no await.
-        stdin_transport.write(data)  # type: ignore[attr-defined]
-        stdin_transport.close()
         return WarmProcess(pid, pidfd, exit_code, server.pid, output, control, [output_transport, control_transport],
                            lease_w)
