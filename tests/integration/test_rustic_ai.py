@@ -11,6 +11,7 @@ from the registry alone.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ from support.ledger_fleet import FAST_ENV, LEASE_S, ledger_spec
 from support.probe import Probe, redis_messaging
 from support.redis_server import free_port
 
-from rustic_ai.k8s import AgentState, EngineSettings, K8sExecutionEngine
+from rustic_ai.k8s import AgentLaunchError, AgentState, EngineSettings, K8sExecutionEngine
 
 ENGINE = "rustic_ai.k8s.K8sExecutionEngine"
 AGENTS = ["a1", "a2"]
@@ -163,6 +164,28 @@ def test_launcher_shutdown_stops_the_whole_guild(fleet, launcher_env, reader, re
         eventually_sync(watch.all_running, timeout=30, interval=0.1, what="the manager and its agents running")
         guild.shutdown()
         eventually_sync(watch.nothing_left, timeout=15, interval=0.1, what="nothing of the guild left")
+    finally:
+        watch.close()
+
+
+
+def test_a_dropped_engine_closes_its_connections_and_leaves_its_agents_running(
+        fleet, launcher_env, reader, redis_server, ledger_dir):
+    """rusticai-api keeps no Guild it creates: its engine is garbage, not shut down. Dropping is
+    not stopping (the guild runs on), but the engine's Redis and gRPC connections close."""
+    guild_id = f"rd-{uuid.uuid4().hex[:6]}"
+    guild = GuildHelper.shallow_guild_from_spec(spec_of(guild_id, redis_server.port), "org")
+    guild.launch_agent(ledger_spec("a1"))
+    dropped = guild.execution_engine.engine  # the AsyncK8sEngine inside the facade
+    del guild
+    gc.collect()
+    eventually_sync(lambda: dropped.registry._redis is None and not dropped.pool._clients, timeout=10,
+                    what="the dropped engine's connections closed")
+    watch = Watch(guild_id, ledger_dir, reader)
+    try:
+        assert "a1" in watch.running() and watch.live_copies() == {"a1": 1}
+        watch.engine.stop_agent(guild_id, "a1")
+        eventually_sync(lambda: watch.live_copies() == {"a1": 0}, timeout=10, what="a1 stopped")
     finally:
         watch.close()
 
@@ -304,3 +327,11 @@ def test_bootstrap_answers_survives_the_managers_host_and_stops_on_request(
         probe.close()
         guild.shutdown()
         watch.close()
+
+
+def test_bootstrap_without_the_metastores_tables_fails_with_the_reason(fleet, launcher_env, redis_server, tmp_path):
+    """The manager writes the metastore while it is built: without tables, bootstrap says so."""
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    spec = spec_of(f"rt-{uuid.uuid4().hex[:6]}", redis_server.port)
+    with pytest.raises(AgentLaunchError, match="no such table"):
+        GuildBuilder.from_spec(spec).bootstrap(url, "org")

@@ -127,6 +127,16 @@ class AsyncK8sEngine:
             # Managers first (above), so none launches more while the rest of its guild stops.
             for guild_id in sorted({k.guild_id for k in owned if k.agent_id == manager_agent_id(k.guild_id)}):
                 await self._stop_rest_of_guild(guild_id)
+        await self._close_clients()
+
+    async def close(self) -> None:
+        """Closes channels and clients and leaves every agent running. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
         await self.pool.close()
         await self.discovery.close()
         await self.registry.close()

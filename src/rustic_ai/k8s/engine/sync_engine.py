@@ -9,6 +9,7 @@ with a deadline a little longer than the call's own.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from rustic_ai.core.guild.agent import Agent
@@ -19,7 +20,7 @@ from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
 from ..base.models import AgentRecord, HostRecord
 from ..base.settings import EngineSettings
 from .engine import AsyncK8sEngine
-from .loop import run_sync
+from .loop import run_sync, submit
 
 _MARGIN_S = 5.0
 
@@ -32,6 +33,9 @@ class K8sExecutionEngine(ExecutionEngine):
         self._launch_s = self.settings.launch_timeout_s * 2 + self.settings.call_timeout_s + _MARGIN_S
         self.engine = AsyncK8sEngine(self.settings, organization_id=organization_id)
         run_sync(self.engine.start(), self._call_s)
+        # Dropped without shutdown() (rusticai-api keeps no Guild it creates, a failed
+        # bootstrap drops its own): close the connections, leave the agents running.
+        weakref.finalize(self, _close_dropped, self.engine).atexit = False
 
     def run_agent(
         self,
@@ -73,3 +77,7 @@ class K8sExecutionEngine(ExecutionEngine):
 
     def hosts(self) -> list[HostRecord]:
         return run_sync(self.engine.hosts(), self._call_s)
+
+
+def _close_dropped(engine: AsyncK8sEngine) -> None:
+    submit(engine.close())  # a finalizer may run on any thread, the loop's own too: never wait
