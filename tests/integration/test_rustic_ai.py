@@ -190,6 +190,24 @@ def test_a_dropped_engine_closes_its_connections_and_leaves_its_agents_running(
         watch.close()
 
 
+
+def test_the_facade_runs_an_agent_that_already_runs_without_an_error(fleet, launcher_env, reader, redis_server,
+                                                                      ledger_dir):
+    """rusticai-core's run_agent means "make sure it runs": a second launch of a running agent
+    (another host claimed it between the Guild's is_agent_running and its launch) returns,
+    and there is still one copy."""
+    guild_id = f"rr-{uuid.uuid4().hex[:6]}"
+    guild = GuildHelper.shallow_guild_from_spec(spec_of(guild_id, redis_server.port), "org")
+    watch = Watch(guild_id, ledger_dir, reader)
+    try:
+        for _ in range(2):  # straight to the engine: Guild.launch_agent would skip the second
+            guild.execution_engine.run_agent(guild.to_spec(), ledger_spec("a1"), guild.messaging, machine_id=1)
+        eventually_sync(lambda: watch.live_copies() == {"a1": 1}, timeout=10, what="one copy of a1")
+    finally:
+        guild.shutdown()
+        watch.close()
+
+
 class ApiServer:
     """rusticai-api's own app (rustic_ai.api_server.main:app) under uvicorn, as a process on a free port."""
 

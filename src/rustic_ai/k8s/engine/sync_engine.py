@@ -9,6 +9,7 @@ with a deadline a little longer than the call's own.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
@@ -17,12 +18,14 @@ from rustic_ai.core.guild.dsl import AgentSpec, GuildSpec
 from rustic_ai.core.guild.execution.execution_engine import ExecutionEngine
 from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
 
+from ..base.errors import AgentAlreadyExistsError
 from ..base.models import AgentRecord, HostRecord
 from ..base.settings import EngineSettings
 from .engine import AsyncK8sEngine
 from .loop import run_sync, submit
 
 _MARGIN_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class K8sExecutionEngine(ExecutionEngine):
@@ -47,13 +50,22 @@ class K8sExecutionEngine(ExecutionEngine):
         client_properties: dict[str, Any] = {},  # noqa: B006 - the base class's signature
         default_topic: str = "default_topic",
     ) -> Agent | None:
-        """Launches the agent on a host. Returns None: the agent lives in another process."""
-        run_sync(
-            self.engine.run_agent(
-                guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
-            ),
-            self._launch_s,
-        )
+        """Launches the agent on a host. Returns None: the agent lives in another process.
+
+        An agent that already runs (ALREADY_EXISTS) is not an error here: rusticai-core's
+        Guild asks is_agent_running first and means "make sure it runs", and between its
+        question and the launch another host may have claimed the agent — e.g. adopted it
+        from a dead host while that host's guild manager, adopted too, reloads its guild.
+        """
+        try:
+            run_sync(
+                self.engine.run_agent(
+                    guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
+                ),
+                self._launch_s,
+            )
+        except AgentAlreadyExistsError as exc:
+            log.info("run_agent: %s/%s already runs: %s", guild_spec.id, agent_spec.id, exc)
         return None
 
     def get_agents_in_guild(self, guild_id: str) -> dict[str, AgentSpec]:
