@@ -28,6 +28,7 @@ from rustic_ai.core.guild.builders import GuildBuilder, GuildHelper
 from rustic_ai.core.guild.dsl import GuildTopics
 from rustic_ai.core.guild.metastore.models import GuildModel, GuildStatus
 from sqlmodel import Session, SQLModel, create_engine
+from support.certs import TestCA
 from support.eventually import eventually_sync
 from support.exactly_once import Ledgers, copy_alive
 from support.hosts import TESTS_DIR, HostProcess, pid_alive, start_hosts
@@ -353,3 +354,35 @@ def test_bootstrap_without_the_metastores_tables_fails_with_the_reason(fleet, la
     spec = spec_of(f"rt-{uuid.uuid4().hex[:6]}", redis_server.port)
     with pytest.raises(AgentLaunchError, match="no such table"):
         GuildBuilder.from_spec(spec).bootstrap(url, "org")
+
+
+def test_a_guild_bootstraps_on_hosts_that_require_client_certificates(
+        monkeypatch, redis_url, redis_server, ledger_dir, tmp_path):
+    """With mutual TLS the manager's engine needs a client certificate of its own: the hosts carry
+    one in RUSTIC_K8S_TLS_* (beside their server certificate), and the guild runs and stops."""
+    ca = TestCA(tmp_path, "fleet")
+    server, client = ca.issue("host"), ca.issue("engine")
+    engine_tls = {"RUSTIC_K8S_TLS_CERT_FILE": str(client.cert), "RUSTIC_K8S_TLS_KEY_FILE": str(client.key),
+                  "RUSTIC_K8S_TLS_CA_FILE": str(ca.ca_file)}
+    prefix = f"tls{uuid.uuid4().hex[:6]}"  # a fleet of its own: the module's hosts speak plain text
+    [host] = start_hosts(redis_url, prefix, ["tls-1"], env={
+        **FAST_ENV, LEDGER_DIR_ENV: str(ledger_dir), **engine_tls,
+        "RUSTIC_AGENT_HOST_TLS_CERT_FILE": str(server.cert), "RUSTIC_AGENT_HOST_TLS_KEY_FILE": str(server.key),
+        "RUSTIC_AGENT_HOST_TLS_CLIENT_CA_FILE": str(ca.ca_file), "RUSTIC_AGENT_HOST_ALLOW_PLAINTEXT": "false"})
+    for name, value in {"RUSTIC_K8S_REDIS_URL": redis_url, "RUSTIC_K8S_KEY_PREFIX": prefix, **engine_tls}.items():
+        monkeypatch.setenv(name, value)
+    guild_id = f"rt-{uuid.uuid4().hex[:6]}"
+    guild = GuildBuilder.from_spec(spec_of(guild_id, redis_server.port)).bootstrap(metastore(tmp_path), "org")
+    watch = Watch(guild_id, ledger_dir, EngineSettings.from_env())
+    probe = Probe(guild_id, redis_messaging(redis_server.port))
+    try:
+        eventually_sync(watch.all_running, timeout=30, interval=0.1, what="the manager and its agents running")
+        assert {h for h, _ in watch.running().values()} == {host.address}
+        answered(probe, AGENTS)
+        probe.agent.publish(GuildTopics.SYSTEM_TOPIC, StopGuildRequest(guild_id=guild_id, user_id="test"))
+        eventually_sync(watch.nothing_left, timeout=20, interval=0.1, what="nothing of the guild left")
+    finally:
+        probe.close()
+        guild.shutdown()
+        watch.close()
+        host.close()
