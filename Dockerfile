@@ -5,22 +5,27 @@
 # the final stage installs them offline into a clean python:3.13-slim through a build
 # mount, so the image carries no compiler, no source tree, no wheel files and no pip
 # cache. Build: docker build -t rusticai-k8s:latest .
+# EXTRAS adds the project's extras, e.g. --build-arg EXTRAS=api,postgres for the Rustic AI
+# API server's image (compose.yaml's "api" profile; docs/rustic-ai.md).
 
 FROM python:3.13-slim AS build
+ARG EXTRAS=""
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the context to these).
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# What the final stage installs: the project with its extras, from these wheels only.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}" \
+    && echo "rusticai-k8s${EXTRAS:+[$EXTRAS]}" > /wheels/requirements.txt
 
 FROM python:3.13-slim
 LABEL org.opencontainers.image.title="rusticai-k8s agent host" \
       org.opencontainers.image.description="Runs Rustic AI agents as OS processes behind a gRPC API" \
       org.opencontainers.image.licenses="Apache-2.0"
-# The project wheel by path (its dependencies come from the same directory, offline);
-# then a numeric non-root user, so Kubernetes' runAsNonRoot can verify it.
+# The project and its dependencies from the build stage's wheels (offline); then a
+# numeric non-root user, so Kubernetes' runAsNonRoot can verify it.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/rusticai_k8s-*.whl \
+    pip install --no-cache-dir --no-index --find-links=/wheels --requirement /wheels/requirements.txt \
     && groupadd --system --gid 10001 rustic \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin rustic
 COPY docker/healthcheck.py docker/compose_demo.py /opt/rustic/

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import importlib
 import json
 import os
 import re
@@ -30,15 +31,24 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from rustic_ai.core.guild.builders import EnvConstants
+from rustic_ai.core.utils.basic_class_utils import get_class_from_name
 
-from rustic_ai.k8s import EngineSettings, HostSettings
+from rustic_ai.k8s import EngineSettings, HostSettings, K8sExecutionEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 K8S = ROOT / "docker" / "k8s"
 # The oldest Kubernetes minor the manifests promise to work on, and the newest schema bundled.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
-KNOWN_ENV = {env for cls in (HostSettings, EngineSettings) for env, _, _ in cls.describe()}
+# The API server's own variables (rusticai-api reads them with os.environ.get in main.py and
+# its logging config), for its service in compose.yaml.
+API_SERVER_ENV = {"RUSTIC_METASTORE", "RUSTIC_LOGGING_LEVEL", "RUSTIC_LOGGING_FORMAT", "RUSTIC_CORS_ORIGIN",
+                  "RUSTIC_INIT_RAY_CLUSTER", "RUSTIC_LAUNCH_RAY_DASHBOARD"}
+# rusticai-core's defaults for guild specs that name no engine or messaging (docs/rustic-ai.md).
+RUSTIC_AI_ENV = {v for k, v in vars(EnvConstants).items() if k.startswith("RUSTIC_AI_")}
+KNOWN_ENV = ({env for cls in (HostSettings, EngineSettings) for env, _, _ in cls.describe()}
+             | RUSTIC_AI_ENV | API_SERVER_ENV)
 
 
 def tool(name: str) -> str:
@@ -261,6 +271,36 @@ def test_compose_wires_redis_hosts_and_demo():
         assert not unknown, f"not settings variables: {unknown}"
 
 
+def assert_rustic_ai_defaults(env: dict, redis_host: str) -> None:
+    """A host's (or the API server's) defaults for guild specs that name no engine or messaging:
+    this engine, and the Redis messaging backend on the fleet's own Redis."""
+    assert get_class_from_name(env["RUSTIC_AI_EXECUTION_ENGINE"]) is K8sExecutionEngine
+    module = importlib.import_module(env["RUSTIC_AI_MESSAGING_MODULE"])
+    assert hasattr(module, env["RUSTIC_AI_MESSAGING_CLASS"])
+    assert json.loads(env["RUSTIC_AI_MESSAGING_BACKEND_CONFIG"])["redis_client"] == {"host": redis_host, "port": 6379}
+
+
+def test_compose_hosts_serve_rustic_ai_guilds_and_the_api_profile_adds_the_server():
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    host, api, metastore = services["agent-host"], services["api"], services["metastore"]
+    assert_rustic_ai_defaults(host["environment"], "redis")
+    assert "postgres" in host["build"]["args"]["EXTRAS"].split(",")  # managers on the hosts write the metastore
+    # The server and its database start only with --profile api; the rest always.
+    assert api["profiles"] == ["api"] and metastore["profiles"] == ["api"]
+    assert all("profiles" not in s for name, s in services.items() if name not in ("api", "metastore"))
+    assert {"api", "postgres"} <= set(api["build"]["args"]["EXTRAS"].split(","))
+    assert api["entrypoint"][:2] == ["uvicorn", "rustic_ai.api_server.main:app"]
+    assert_rustic_ai_defaults(api["environment"], "redis")
+    assert api["environment"]["RUSTIC_METASTORE"].startswith("postgresql+psycopg://")
+    assert "@metastore:5432/" in api["environment"]["RUSTIC_METASTORE"]
+    settings = EngineSettings.from_env({k: str(v) for k, v in api["environment"].items()})
+    assert (settings.discovery, settings.dns_name, settings.redis_url) == ("dns", "agent-host", "redis://redis:6379/0")
+    assert api["depends_on"]["metastore"] == {"condition": "service_healthy"}
+    for service in (api, metastore):
+        unknown = {k for k in service["environment"] if k.startswith("RUSTIC_") and k not in KNOWN_ENV}
+        assert not unknown, f"not settings variables: {unknown}"
+
+
 # -- Kubernetes manifests ----------------------------------------------------------------
 
 
@@ -401,3 +441,13 @@ def test_disruption_budget_autoscaler_and_redis_point_at_the_right_things():
     assert redis["spec"]["serviceName"] == "redis" and ("Service", "redis") in r
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RUSTIC_K8S_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_hosts_carry_what_their_guild_managers_engines_need():
+    """A guild manager agent builds its guild's engine from its host's environment."""
+    container = resources()[("Deployment", "rustic-agent-host")]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert_rustic_ai_defaults(env, "redis")
+    settings = EngineSettings.from_env({k: v for k, v in env.items() if v is not None})
+    assert (settings.discovery, settings.k8s_service, settings.redis_url) == (
+        "kubernetes", "rustic-agent-host", "redis://redis:6379/0")

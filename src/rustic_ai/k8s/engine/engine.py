@@ -16,12 +16,12 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
-
+from rustic_ai.core.guild.builders import GuildHelper
 from rustic_ai.core.guild.dsl import AgentSpec, GuildSpec
 from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
 from rustic_ai.core.utils.basic_class_utils import get_qualified_class_name
@@ -45,7 +45,6 @@ from ..placement import (
     Discovery,
     PlacementStrategy,
     RegistryDiscovery,
-
     merge_with_registry,
     strategy_named,
 )
@@ -59,6 +58,7 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("rustic_ai.k8s.engine")
 
 _FRESH_S = 2.0  # a host that answered within this long is not probed before a launch
+manager_agent_id = GuildHelper.get_manager_agent_id  # rusticai-core's id of a bootstrapped guild's manager
 
 
 class AsyncK8sEngine:
@@ -66,7 +66,8 @@ class AsyncK8sEngine:
 
     Use it as ``async with AsyncK8sEngine(settings) as engine:``. On exit it stops the
     agents it launched (as rusticai-core's engines do on shutdown) unless
-    ``stop_agents_on_shutdown=False``.
+    ``stop_agents_on_shutdown=False``. A guild manager it launched (``GuildBuilder.bootstrap``)
+    stops with its whole guild: the manager launched the rest through an engine of its own.
     """
 
     def __init__(
@@ -122,12 +123,21 @@ class AsyncK8sEngine:
             return
         self._closed = True
         if self._started and self.stop_agents_on_shutdown and self._owned:
-            results = await asyncio.gather(
-                *(self._stop(key) for key in list(self._owned)), return_exceptions=True
-            )
-            for key, result in zip(list(self._owned), results, strict=False):
-                if isinstance(result, Exception):
-                    log.warning("could not stop %s during shutdown: %s", key, result)
+            owned = list(self._owned)
+            await self.stop_all(owned)
+            # Managers first (above), so none launches more while the rest of its guild stops.
+            for guild_id in sorted({k.guild_id for k in owned if k.agent_id == manager_agent_id(k.guild_id)}):
+                await self.stop_rest_of_guild(guild_id)
+        await self._close_clients()
+
+    async def close(self) -> None:
+        """Closes channels and clients and leaves every agent running. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
         await self.pool.close()
         await self.discovery.close()
         await self.registry.close()
@@ -337,6 +347,32 @@ class AsyncK8sEngine:
                 raise
             # Its host is gone and its processes with it; only the entry is left.
             await self.registry.remove_agent(key, record.host)
+
+    async def stop_all(self, keys: list[AgentKey]) -> None:
+        results = await asyncio.gather(*(self._stop(key) for key in keys), return_exceptions=True)
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("could not stop %s during shutdown: %s", key, result)
+
+    async def stop_rest_of_guild(self, guild_id: str, passes: int = 3) -> None:
+        """Stops every agent of a bootstrapped guild whose manager this engine stopped.
+
+        The manager launched them through the engine in its own agent process, so this
+        engine does not own them; left running they would have no manager, and a stopped
+        manager's guild is over. Everything the registry lists or still desires goes; a
+        launch the manager had sent just before it stopped may land after a pass, hence
+        a few passes.
+        """
+        for _ in range(passes):
+            try:
+                keys = {AgentKey(guild_id, a) for a in await self.registry.desired(guild_id)}
+                keys |= {r.key for r in await self.registry.list_guild(guild_id)}
+            except RusticK8sError as exc:
+                log.warning("could not list guild %s to stop it: %s", guild_id, exc)
+                return
+            if not keys:
+                return
+            await self.stop_all(sorted(keys, key=str))
 
     async def _forget_desired(self, key: AgentKey) -> None:
         try:

@@ -56,6 +56,16 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         raise TimeoutError(f"engine call did not finish within {timeout} s") from None
 
 
+def submit(coro: Coroutine[Any, Any, Any]) -> None:
+    """Schedules ``coro`` on the background loop without waiting (any thread, the loop's own
+    and a garbage collector's included: no lock is taken). Dropped if the loop is gone."""
+    loop = _loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        coro.close()
+        return
+    asyncio.run_coroutine_threadsafe(coro, loop)
+
+
 def _stop_at_exit() -> None:
     loop, thread = _loop, _thread
     if loop is not None and thread is not None and thread.is_alive():

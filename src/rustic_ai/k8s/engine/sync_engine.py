@@ -14,7 +14,6 @@ engines do.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -23,15 +22,17 @@ from rustic_ai.core.guild.dsl import AgentSpec, GuildSpec
 from rustic_ai.core.guild.execution.execution_engine import ExecutionEngine
 from rustic_ai.core.messaging import Client, MessagingConfig, SimpleClient
 
-from ..base.errors import HostUnavailableError
+from ..base.errors import AgentAlreadyExistsError, HostUnavailableError
 from ..base.models import AgentKey, AgentRecord, HostRecord
 from ..base.settings import EngineSettings
+from .engine import manager_agent_id
 from .loop import run_sync
 from .shared import shared_engine
 
 log = logging.getLogger(__name__)
 
 _MARGIN_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class K8sExecutionEngine(ExecutionEngine):
@@ -43,6 +44,8 @@ class K8sExecutionEngine(ExecutionEngine):
         self.engine = shared_engine(self.settings, organization_id, self._call_s)
         self._owned: set[AgentKey] = set()  # launched by this facade: its shutdown stops them
         self._closed = False
+        # A dropped facade (rusticai-api keeps no Guild it creates, a failed bootstrap drops
+        # its own) leaves its agents running and holds no connection of its own to close.
 
     def run_agent(
         self,
@@ -54,14 +57,23 @@ class K8sExecutionEngine(ExecutionEngine):
         client_properties: dict[str, Any] = {},  # noqa: B006 - the base class's signature
         default_topic: str = "default_topic",
     ) -> Agent | None:
-        """Launches the agent on a host. Returns None: the agent lives in another process."""
+        """Launches the agent on a host. Returns None: the agent lives in another process.
+
+        An agent that already runs (ALREADY_EXISTS) is not an error here: rusticai-core's
+        Guild asks is_agent_running first and means "make sure it runs", and between its
+        question and the launch another host may have claimed the agent — e.g. adopted it
+        from a dead host while that host's guild manager, adopted too, reloads its guild.
+        """
         self._check_open()
-        run_sync(
-            self.engine.run_agent(
-                guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
-            ),
-            self._launch_s,
-        )
+        try:
+            run_sync(
+                self.engine.run_agent(
+                    guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic
+                ),
+                self._launch_s,
+            )
+        except AgentAlreadyExistsError as exc:
+            log.info("run_agent: %s/%s already runs: %s", guild_spec.id, agent_spec.id, exc)
         self._owned.add(AgentKey(guild_spec.id, agent_spec.id))
         return None
 
@@ -80,20 +92,20 @@ class K8sExecutionEngine(ExecutionEngine):
         self._owned.discard(AgentKey(guild_id, agent_id))
 
     def shutdown(self) -> None:
-        """Stops the agents this facade launched. Idempotent; the shared engine stays up for others."""
+        """Stops the agents this facade launched — and, for a guild manager among them
+        (GuildBuilder.bootstrap), the rest of its guild, which the manager launched through an
+        engine of its own. Idempotent; the shared engine stays up for others."""
         if self._closed:
             return
         self._closed = True
-        owned, self._owned = list(self._owned), set()
+        owned, self._owned = sorted(self._owned, key=str), set()
         if owned:
-            run_sync(self._stop_all(owned), self._launch_s)
+            run_sync(self._stop(owned), self._launch_s * 2)
 
-    async def _stop_all(self, keys: list[AgentKey]) -> None:
-        results = await asyncio.gather(*(self.engine.stop_agent(k.guild_id, k.agent_id) for k in keys),
-                                       return_exceptions=True)
-        for key, result in zip(keys, results, strict=True):
-            if isinstance(result, Exception):
-                log.warning("could not stop %s during shutdown: %s", key, result)
+    async def _stop(self, keys: list[AgentKey]) -> None:
+        await self.engine.stop_all(keys)  # managers first, so none launches more meanwhile
+        for guild_id in sorted({k.guild_id for k in keys if k.agent_id == manager_agent_id(k.guild_id)}):
+            await self.engine.stop_rest_of_guild(guild_id)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -105,3 +117,7 @@ class K8sExecutionEngine(ExecutionEngine):
 
     def hosts(self) -> list[HostRecord]:
         return run_sync(self.engine.hosts(), self._call_s)
+
+
+def _close_dropped(engine: AsyncK8sEngine) -> None:
+    submit(engine.close())  # a finalizer may run on any thread, the loop's own too: never wait
