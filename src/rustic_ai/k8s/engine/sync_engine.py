@@ -118,6 +118,3 @@ class K8sExecutionEngine(ExecutionEngine):
     def hosts(self) -> list[HostRecord]:
         return run_sync(self.engine.hosts(), self._call_s)
 
-
-def _close_dropped(engine: AsyncK8sEngine) -> None:
-    submit(engine.close())  # a finalizer may run on any thread, the loop's own too: never wait
