@@ -29,7 +29,8 @@ class K8sExecutionEngine(ExecutionEngine):
         super().__init__(guild_id=guild_id, organization_id=organization_id)
         self.settings = settings or EngineSettings.from_env()
         self._call_s = self.settings.call_timeout_s * 3 + _MARGIN_S
-        self._launch_s = self.settings.launch_timeout_s * 2 + self.settings.call_timeout_s + _MARGIN_S
+        self._launch_s = (self.settings.launch_timeout_s * 2 + self.settings.call_timeout_s + _MARGIN_S
+                          + self.settings.capacity_wait_s)  # a launch may wait that long for a host that fits
         self.engine = AsyncK8sEngine(self.settings, organization_id=organization_id)
         run_sync(self.engine.start(), self._call_s)
 

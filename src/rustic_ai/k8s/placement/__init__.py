@@ -1,9 +1,15 @@
 """Which host gets the next agent (strategies) and which hosts exist (discovery)."""
 
 from .discovery import CachedHosts, Discovery, RegistryDiscovery, StaticDiscovery, merge_with_registry
-from .strategies import LeastLoaded, PlacementStrategy, RoundRobin, candidates, strategy_named
+from .fit import explain_no_fit, fitting, shortfall
+from .strategies import BinPacking, LeastLoaded, PlacementStrategy, RoundRobin, candidates, strategy_named, with_affinity
 
 __all__ = [
+    "BinPacking",
+    "explain_no_fit",
+    "fitting",
+    "shortfall",
+    "with_affinity",
     "CachedHosts",
     "Discovery",
     "LeastLoaded",

@@ -84,6 +84,7 @@ class HostClient:
             organization_id=request.organization_id,
             default_topic=request.default_topic,
             restart_policy_json=json.dumps(request.restart).encode() if request.restart else b"",
+            placement_json=json.dumps(request.placement).encode() if request.placement else b"",
         )
         reply = await self._call("CreateAgent", msg, timeout or self._launch_timeout_s)
         return convert.agent_from_pb(reply.agent)

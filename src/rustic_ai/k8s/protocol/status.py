@@ -15,6 +15,7 @@ ERROR_TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.ForbiddenModuleError, grpc.StatusCode.PERMISSION_DENIED),
     (e.AgentNotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.AgentAlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (e.InsufficientResourcesError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.HostFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.HostUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.RegistryUnavailableError, grpc.StatusCode.UNAVAILABLE),
