@@ -391,3 +391,35 @@ def test_disruption_budget_autoscaler_and_redis_point_at_the_right_things():
     assert redis["spec"]["serviceName"] == "redis" and ("Service", "redis") in r
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RUSTIC_K8S_REDIS_URL"] == "redis://redis:6379/0"
+
+
+# -- the GPU host pool (docker/k8s/overlays/gpu, a kustomize Component) -------------------
+
+
+def test_the_gpu_component_puts_hosts_on_gpu_nodes_with_device_plugin_limits(tmp_path):
+    """Built the way its header says: a kustomization outside docker/k8s adds it to the base."""
+    rel = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel}]\ncomponents: [{rel}/overlays/gpu]\n")
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to build the kustomization (it ships with this machine image)"
+    run = subprocess.run([kubectl, "kustomize", str(tmp_path)], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    built = [d for d in yaml.safe_load_all(run.stdout) if d]
+    assert {(d["kind"], d["metadata"]["name"]) for d in built} == set(resources())  # the base, nothing lost
+    for doc in built:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    host = next(d for d in built if d["kind"] == "Deployment" and d["metadata"]["name"] == "rustic-agent-host")
+    pod = host["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    [container] = [c for c in pod["containers"] if c["name"] == "agent-host"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RUSTIC_AGENT_HOST_LABELS"] == "pool=gpu"
+    assert "RUSTIC_AGENT_HOST_GPUS" not in env  # detected from the device plugin's NVIDIA_VISIBLE_DEVICES
+    assert "POD_IP" in env and "RUSTIC_AGENT_HOST_DRAIN_TIMEOUT_S" in env  # the base's env is kept, not replaced
+    assert {n for n in env if n.startswith("RUSTIC_")} <= KNOWN_ENV
