@@ -17,6 +17,7 @@ from .base.errors import (
     GuildLimitError,
     HostFullError,
     HostUnavailableError,
+    InsufficientResourcesError,
     InvalidSpecError,
     LaunchTimeoutError,
     NoHostAvailableError,
@@ -26,6 +27,7 @@ from .base.errors import (
     TemporaryError,
 )
 from .base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from .base.resources import PlacementPolicy
 from .base.settings import EngineSettings, HostSettings
 from .base.version import VERSION as __version__
 from .engine import AsyncK8sEngine, K8sExecutionEngine
@@ -47,12 +49,14 @@ __all__ = [
     "HostSettings",
     "HostState",
     "HostUnavailableError",
+    "InsufficientResourcesError",
     "InvalidSpecError",
     "K8sExecutionEngine",
     "LaunchRequest",
     "LaunchTimeoutError",
     "NoHostAvailableError",
     "PermanentError",
+    "PlacementPolicy",
     "RegistryUnavailableError",
     "RusticK8sError",
     "TemporaryError",

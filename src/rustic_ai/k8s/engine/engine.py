@@ -330,7 +330,9 @@ class AsyncK8sEngine:
     async def _order(self, hosts: list[HostRecord], request: LaunchRequest,
                      policy: PlacementPolicy) -> list[HostRecord]:
         # Count launches under way so a burst spreads before hosts report the new load.
-        adjusted = [dataclasses.replace(h, agents=h.agents + self._in_flight[h.address]) for h in hosts]
+        in_flight = self._in_flight
+        adjusted = [dataclasses.replace(h, agents=h.agents + in_flight[h.address]) if in_flight.get(h.address) else h
+                    for h in hosts]
         order = self.placement.order(adjusted, request)
         if policy.affinity == "none" or not order:
             return order

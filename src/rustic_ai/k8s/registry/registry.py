@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -397,9 +398,9 @@ class LocationRegistry:
                     state=HostState(h.get("state") or HostState.SERVING),
                     version=h.get("version", ""),
                     started_at=float(h.get("started_at") or 0.0),
-                    inventory=HostInventory.from_json(h.get("inventory", "")),
+                    inventory=_inventory(h.get("inventory", "")),
                     usage=Usage.from_json(h.get("used", "")),
-                    labels=_labels(h.get("labels", "")),
+                    labels=dict(_labels(h.get("labels", ""))),
                 )
             )
         return sorted(hosts, key=lambda h: h.address)
@@ -588,6 +589,13 @@ class LocationRegistry:
         return out
 
 
+@functools.lru_cache(maxsize=8192)
+def _inventory(text: str) -> HostInventory:
+    # A host's inventory is the same text on every renewal: parse each once (frozen, shared).
+    return HostInventory.from_json(text)
+
+
+@functools.lru_cache(maxsize=8192)
 def _labels(text: str) -> dict[str, str]:
     try:
         d = json.loads(text) if text else {}
