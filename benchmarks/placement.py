@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from rustic_ai.core.guild.dsl import ResourceSpec
+
 from rustic_ai.k8s import AsyncK8sEngine, EngineSettings
 from rustic_ai.k8s.base.models import AgentRecord, AgentState, HostRecord, HostState
 from rustic_ai.k8s.base.resources import MILLI, HostInventory, PlacementPolicy, ResourceRequest

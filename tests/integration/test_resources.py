@@ -14,21 +14,20 @@ its pid and its CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES to a file of its o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import uuid
 
 import pytest
-
 from rustic_ai.core.guild.builders import AgentBuilder, GuildBuilder
 from rustic_ai.core.guild.dsl import AgentSpec, ResourceSpec
 from rustic_ai.core.guild.guild import Guild
-from rustic_ai.k8s import AsyncK8sEngine
-from rustic_ai.k8s.base.errors import InsufficientResourcesError, InvalidSpecError
-from rustic_ai.k8s.base.resources import PlacementPolicy
 from support.eventually import eventually, eventually_sync
 from support.hosts import pid_alive, start_hosts
 from support.resource_agents import ENV_DIR_ENV, EnvReporter, env_path
+
+from rustic_ai.k8s import AsyncK8sEngine
+from rustic_ai.k8s.base.errors import InsufficientResourcesError, InvalidSpecError
+from rustic_ai.k8s.base.resources import PlacementPolicy
 
 HOSTS = {
     "gpu-a": {"RUSTIC_AGENT_HOST_GPUS": "GPU-a0,GPU-a1", "RUSTIC_AGENT_HOST_CPUS": "4",
@@ -222,3 +221,18 @@ def test_an_unchanged_guild_with_the_sync_engine_honours_resources(fleet, redis_
         assert data["pid"] == record.pid and data["CUDA_VISIBLE_DEVICES"] == "0"
     finally:
         g.shutdown()
+
+
+async def test_a_launch_can_wait_for_capacity_to_appear(engine, fleet, messaging, caplog):
+    g = guild(gid(), {"selector": {"zone": "b"}})
+    await engine.run_agent(g, agent("holder", num_gpus=1), messaging)
+    caplog.set_level("INFO", logger="rustic_ai.k8s.engine.engine")
+    waiting = asyncio.create_task(engine.run_agent(g, agent("waiter", num_gpus=1), messaging,
+                                                   placement=PlacementPolicy(wait_s=30)))
+    await eventually(lambda: any("waiting up to" in r.getMessage() for r in caplog.records), timeout=10,
+                     what="the launch waiting for capacity")
+    assert not waiting.done()
+    await engine.stop_agent(g.id, "holder")  # capacity appears
+    record = await asyncio.wait_for(waiting, 20)
+    assert record.host == fleet["gpu-b"].address
+    await stop_all(engine, g.id)

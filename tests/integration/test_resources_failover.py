@@ -13,14 +13,14 @@ import sys
 import uuid
 
 import pytest
-
 from rustic_ai.core.guild.builders import AgentBuilder, GuildBuilder
 from rustic_ai.core.guild.dsl import ResourceSpec
+from support.eventually import eventually
+from support.hosts import HostProcess, pid_alive
+from support.resource_agents import ENV_DIR_ENV, EnvReporter, env_path
+
 from rustic_ai.k8s import AgentState, AsyncK8sEngine
 from rustic_ai.k8s.base.models import AgentKey
-from support.eventually import eventually
-from support.hosts import HostProcess, pid_alive, start_hosts
-from support.resource_agents import ENV_DIR_ENV, EnvReporter, env_path
 
 FAST = {
     "RUSTIC_AGENT_HOST_LEASE_S": "3",
@@ -37,11 +37,15 @@ def prefix() -> str:
 
 @pytest.fixture
 def hosts(redis_url, prefix, tmp_path):
+    """Factory: ``hosts(a={env}, b={env})`` starts those hosts at once and returns them in order."""
     started: list[HostProcess] = []
 
-    def start(*names: str, **env: str) -> list[HostProcess]:
-        new = start_hosts(redis_url, prefix, list(names), env={**FAST, ENV_DIR_ENV: str(tmp_path), **env})
+    def start(**envs: dict[str, str]) -> list[HostProcess]:
+        new = [HostProcess(redis_url, prefix, name=name, env={**FAST, ENV_DIR_ENV: str(tmp_path), **env}, wait=False)
+               for name, env in envs.items()]
         started.extend(new)
+        for h in new:
+            h.wait_ready()
         return new
 
     yield start
@@ -72,7 +76,7 @@ async def unplaced_cli(redis_url, prefix) -> list[dict]:
 
 async def test_a_killed_host_s_gpu_agents_go_only_where_they_fit_and_one_that_fits_nowhere_waits(
         hosts, engine_settings, redis_url, prefix, messaging, tmp_path):
-    [a] = hosts("a", RUSTIC_AGENT_HOST_GPUS="2")
+    [a] = hosts(a={"RUSTIC_AGENT_HOST_GPUS": "2"})
     settings = engine_settings.__class__.from_env({}, redis_url=redis_url, key_prefix=prefix, call_timeout_s=5.0,
                                                  launch_timeout_s=30.0, discovery_refresh_s=0.2)
     g = GuildBuilder(f"fo-{uuid.uuid4().hex[:8]}", "Failover Guild", "resources survive failover").build_spec()
@@ -80,8 +84,7 @@ async def test_a_killed_host_s_gpu_agents_go_only_where_they_fit_and_one_that_fi
         gpu = [await engine.run_agent(g, agent(f"gpu{i}", num_gpus=1), messaging) for i in range(2)]
         plain = await engine.run_agent(g, agent("plain"), messaging)
         assert {r.host for r in [*gpu, plain]} == {a.address}
-        [b] = hosts("b", RUSTIC_AGENT_HOST_GPUS="1")
-        [c] = hosts("c", RUSTIC_AGENT_HOST_GPUS="none")
+        b, c = hosts(b={"RUSTIC_AGENT_HOST_GPUS": "1"}, c={"RUSTIC_AGENT_HOST_GPUS": "none"})
         a.kill()  # SIGKILL: no drain; its agents die with it (PDEATHSIG)
         await eventually(lambda: not any(pid_alive(r.pid) for r in [*gpu, plain]), timeout=5,
                          what="a's agents died with it")
@@ -109,7 +112,7 @@ async def test_a_killed_host_s_gpu_agents_go_only_where_they_fit_and_one_that_fi
         assert a.address not in {h.address for h in await engine.registry.list_hosts()}  # reaped, holds nothing
 
         # Capacity appears (a scale-up): the waiting agent is placed there.
-        [d] = hosts("d", RUSTIC_AGENT_HOST_GPUS="GPU-d0")
+        [d] = hosts(d={"RUSTIC_AGENT_HOST_GPUS": "GPU-d0"})
 
         async def placed_on_d():
             r = await engine.registry.get_agent(AgentKey(g.id, left_over))

@@ -13,12 +13,12 @@ import json
 import uuid
 
 import pytest
+from support.eventually import eventually
+from support.registry_records import rec
 
 from rustic_ai.k8s.base.models import AgentKey, AgentState, HostRecord, HostState, LaunchRequest
 from rustic_ai.k8s.base.resources import HostInventory, ResourceRequest
 from rustic_ai.k8s.registry import SHORT, LocationRegistry
-from support.eventually import eventually
-from support.registry_records import rec
 
 GPU_HOST = HostInventory(cpu=4000, mem=8192, gpus=("GPU-a", "GPU-b"), custom={"license": 2000})
 
@@ -161,7 +161,7 @@ async def test_unplaced_agents_are_listed_until_claimed_or_no_longer_wanted(regi
     assert await registry.report_unplaced(AgentKey("g", "a"), "needs 1 GPU; largest free 0", "h:1")
     assert await registry.report_unplaced(AgentKey("g", "b"), "needs 4 CPU; 1 free", "h:1")
     assert not await registry.report_unplaced(AgentKey("g", "gone"), "not wanted any more", "h:1")
-    [a, b] = await registry.list_unplaced()
+    [a, _b] = await registry.list_unplaced()
     assert (a.key.agent_id, a.reason, a.host) == ("a", "needs 1 GPU; largest free 0", "h:1")
     await registry.claim_agent(rec("g", "a", "h:1"))
     assert not await registry.report_unplaced(AgentKey("g", "a"), "a late report", "h2:1")  # it runs now

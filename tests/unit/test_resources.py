@@ -105,7 +105,7 @@ def test_bin_packing_fills_one_host_before_the_next_and_least_loaded_spreads():
 def test_affinity_reorders_or_filters_a_strategy_s_order():
     order = [host("a:1"), host("b:1"), host("c:1")]
     load = {"b:1": 2, "c:1": 1}
-    names = lambda hs: [h.address for h in hs]  # noqa: E731
+    names = lambda hs: [h.address for h in hs]
     assert names(with_affinity(order, "pack", load)) == ["b:1", "c:1", "a:1"]
     assert names(with_affinity(order, "spread", load)) == ["a:1", "c:1", "b:1"]
     assert names(with_affinity(order, "strict_pack", load)) == ["b:1", "c:1"]

@@ -240,15 +240,16 @@ class AsyncK8sEngine:
         return await asyncio.gather(*(self.launch(r) for r in requests), return_exceptions=True)
 
     async def _place(self, request: LaunchRequest) -> AgentRecord:
-        """Places the request; when no host fits it, waits for capacity up to the policy's (or the
-        engine's) ``wait_s``, looking again every half second, then raises InsufficientResourcesError."""
+        """Places the request; when no host fits it (or every host is full), waits for capacity up to
+        the policy's (or the engine's) ``wait_s``, looking again every half second, then raises
+        InsufficientResourcesError (or NoHostAvailableError)."""
         policy = PlacementPolicy.from_dict(request.placement)
         wait_s = self.settings.capacity_wait_s if policy.wait_s is None else policy.wait_s
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 return await self._place_once(request, policy)
-            except InsufficientResourcesError:
+            except NoHostAvailableError:  # nothing fits, or every host is full: a scale-up may come
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise

@@ -2,14 +2,18 @@
 
 from .discovery import CachedHosts, Discovery, RegistryDiscovery, StaticDiscovery, merge_with_registry
 from .fit import explain_no_fit, fitting, shortfall
-from .strategies import BinPacking, LeastLoaded, PlacementStrategy, RoundRobin, candidates, strategy_named, with_affinity
+from .strategies import (
+    BinPacking,
+    LeastLoaded,
+    PlacementStrategy,
+    RoundRobin,
+    candidates,
+    strategy_named,
+    with_affinity,
+)
 
 __all__ = [
     "BinPacking",
-    "explain_no_fit",
-    "fitting",
-    "shortfall",
-    "with_affinity",
     "CachedHosts",
     "Discovery",
     "LeastLoaded",
@@ -18,6 +22,10 @@ __all__ = [
     "RoundRobin",
     "StaticDiscovery",
     "candidates",
+    "explain_no_fit",
+    "fitting",
     "merge_with_registry",
+    "shortfall",
     "strategy_named",
+    "with_affinity",
 ]

@@ -81,7 +81,7 @@ def with_affinity(order: list[HostRecord], affinity: str, guild_load: Mapping[st
     strict_pack: only hosts with the guild's agents, once it has any; strict_spread: only hosts
     with none. Stable: within a group the strategy's order stands.
     """
-    count = lambda h: guild_load.get(h.address, 0)  # noqa: E731
+    count = lambda h: guild_load.get(h.address, 0)
     if affinity == "pack":
         return sorted(order, key=lambda h: -count(h))
     if affinity == "spread":

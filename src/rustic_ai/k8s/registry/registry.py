@@ -443,11 +443,10 @@ class LocationRegistry:
 
     async def clear_desired(self, key: AgentKey) -> None:
         """Also forgets that the agent could not be placed (it is no longer wanted)."""
-        async with self._guard("clear_desired"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.keys.desired(key.guild_id), key.agent_id)
-                pipe.hdel(self.keys.unplaced, Keys.member(key))
-                await pipe.execute()
+        async with self._guard("clear_desired"), self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.desired(key.guild_id), key.agent_id)
+            pipe.hdel(self.keys.unplaced, Keys.member(key))
+            await pipe.execute()
 
     # -- agents nobody could fit -------------------------------------------------------------
 
