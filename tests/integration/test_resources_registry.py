@@ -127,11 +127,12 @@ async def test_a_reaped_host_holds_nothing_and_its_agents_fit_elsewhere(registry
     assert adopted.ok and json.loads(adopted.allocation) == {"gpu": {"0": 1000}}
 
 
-async def test_a_pinned_allocation_is_taken_as_it_is_and_a_renewal_restores_the_usage(registry):
+async def test_a_forced_allocation_is_taken_as_it_is_and_a_renewal_restores_the_usage(registry):
     await host(registry, "h:1")
     first = await registry.claim_agent(rec("g", "a", "h:1"), need=need(num_gpus=0.5))
     await registry.redis.delete(registry.keys.host_alloc("h:1"), registry.keys.agent(AgentKey("g", "a")))
-    again = await registry.claim_agent(rec("g", "a", "h:1"), need=need(num_gpus=0.5), pinned=first.allocation)
+    again = await registry.claim_agent(rec("g", "a", "h:1"), need=need(num_gpus=0.5), previous=first.allocation,
+                                       force=True)
     assert again.allocation == first.allocation
     await registry.redis.hdel(registry.keys.host("h:1"), "used")
     await host(registry, "h:1", agents=[AgentKey("g", "a")])
@@ -167,3 +168,21 @@ async def test_unplaced_agents_are_listed_until_claimed_or_no_longer_wanted(regi
     assert not await registry.report_unplaced(AgentKey("g", "a"), "a late report", "h2:1")  # it runs now
     await registry.clear_desired(AgentKey("g", "b"))
     assert await registry.list_unplaced() == []
+
+
+async def test_a_previous_allocation_is_kept_while_it_fits_and_replaced_when_it_does_not(registry):
+    await host(registry, "h:1")
+    a = await registry.claim_agent(rec("g", "a", "h:1"), need=need(num_gpus=1))
+    # A restart of a (a new process): it keeps its device.
+    again = await registry.claim_agent(rec("g", "a", "h:1"), need=need(num_gpus=1), previous=a.allocation)
+    assert again.allocation == a.allocation
+    # Its entry lost meanwhile (Redis restarted), another agent took the device: a restart gets the other one.
+    await registry.redis.hdel(registry.keys.host_alloc("h:1"), "g\x1fa")
+    b = await registry.claim_agent(rec("g", "b", "h:1"), need=need(num_gpus=1))
+    assert b.allocation == a.allocation
+    moved = await registry.claim_agent(rec("g", "a", "h:1"), need=need(num_gpus=1), previous=a.allocation)
+    assert moved.ok and moved.allocation not in ("", a.allocation)
+    # With force (a re-registration of a process that runs on it) it is taken as it is.
+    forced = await registry.claim_agent(rec("g", "c", "h:1"), need=need(num_gpus=1), previous=a.allocation,
+                                        force=True)
+    assert forced.allocation == a.allocation

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .resources import HostInventory, Usage
+from .resources import Free, HostInventory, Usage
 
 
 class AgentState(enum.StrEnum):
@@ -126,6 +127,11 @@ class HostRecord:
     inventory: HostInventory = dataclasses.field(default_factory=HostInventory)
     usage: Usage = dataclasses.field(default_factory=Usage)
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def free(self) -> Free:
+        """What is left of the inventory (computed once per record: a listing serves many placements)."""
+        return Free.of(self.inventory, self.usage)
 
     @property
     def has_room(self) -> bool:

@@ -164,6 +164,43 @@ class Usage:
         return cls(cpu=int(d.get("cpu") or 0), mem=int(d.get("mem") or 0),
                    gpus={str(k): int(v) for k, v in gpus.items()}, custom={str(k): int(v) for k, v in custom.items()})
 
+    def plus(self, a: Allocation) -> Usage:
+        gpus, custom = dict(self.gpus), dict(self.custom)
+        for d, m in a.gpus.items():
+            gpus[d] = gpus.get(d, 0) + m
+        for k, v in a.custom.items():
+            custom[k] = custom.get(k, 0) + v
+        return Usage(cpu=self.cpu + a.cpu, mem=self.mem + a.mem, gpus=gpus, custom=custom)
+
+
+@dataclasses.dataclass(frozen=True)
+class Free:
+    """What a host has left, computed once per listing (placement compares many requests with it)."""
+
+    cpu: int
+    mem: int
+    custom: Mapping[str, int]
+    gpu_whole: int  # devices nobody holds any of
+    gpu_largest: int  # the most left on one device (thousandths)
+    shares: Mapping[str, float]  # resource -> share in use: "cpu", "mem", "gpu", "custom:<name>"
+
+    @classmethod
+    def of(cls, inv: HostInventory, used: Usage) -> Free:
+        frees = [MILLI - used.gpus.get(d, 0) for d in inv.gpus]
+        shares: dict[str, float] = {}
+        if inv.cpu:
+            shares["cpu"] = used.cpu / inv.cpu
+        if inv.mem:
+            shares["mem"] = used.mem / inv.mem
+        if inv.gpus:
+            shares["gpu"] = sum(used.gpus.values()) / (MILLI * len(inv.gpus))
+        for name, total in inv.custom.items():
+            if total:
+                shares[f"custom:{name}"] = used.custom.get(name, 0) / total
+        return cls(cpu=inv.cpu - used.cpu, mem=inv.mem - used.mem,
+                   custom={k: v - used.custom.get(k, 0) for k, v in inv.custom.items()},
+                   gpu_whole=sum(1 for f in frees if f >= MILLI), gpu_largest=max(frees, default=0), shares=shares)
+
 
 @dataclasses.dataclass(frozen=True)
 class Allocation:

@@ -39,7 +39,7 @@ from ..base.errors import (
     RusticK8sError,
 )
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
-from ..base.resources import PlacementPolicy, ResourceRequest, parse_labels, resolve_policy
+from ..base.resources import Allocation, PlacementPolicy, ResourceRequest, parse_labels, resolve_policy
 from ..base.restart import RestartPolicy
 from ..base.settings import EngineSettings
 from ..base.specs import launch_request_from_models
@@ -273,6 +273,7 @@ class AsyncK8sEngine:
                     client = self.pool.client(host.address)
                     await self._probe(host.address)
                     record = await client.create_agent(request)
+                    self.note_placed(host.address, record.allocation)
                     self._heard_from[host.address] = time.monotonic()
                     self.metrics.placements.labels(host.address).inc()
                     return record
@@ -310,6 +311,12 @@ class AsyncK8sEngine:
         else:
             detail = f"no live host found by {self.settings.discovery} discovery"
         raise NoHostAvailableError(f"no host accepted agent {request.key}: {detail}")
+
+    def note_placed(self, address: str, allocation: str) -> None:
+        """Counts a placement into the cached host listing until it is read again, so the next
+        launches see it (least-loaded spreads, bin-packing fills) instead of the last listing's loads."""
+        granted = Allocation.from_json(allocation)
+        self._hosts.adjust(address, lambda h: dataclasses.replace(h, agents=h.agents + 1, usage=h.usage.plus(granted)))
 
     async def _probe(self, address: str) -> None:
         """A cheap Health call before launching on a host not heard from lately, so a frozen

@@ -52,7 +52,7 @@ from ..base.restart import RestartPolicy, RestartTracker
 from ..base.settings import HostSettings
 from ..process import AgentProcess, AgentProcessManager
 from ..process.control import EXIT_FENCED
-from ..registry import LocationRegistry
+from ..registry import ClaimResult, LocationRegistry
 from .lease import Lease
 
 log = logging.getLogger(__name__)
@@ -308,9 +308,22 @@ class AgentSupervisor:
         self.allocation = allocation
         self.record.allocation = allocation
 
-    def _claim_kw(self) -> dict[str, str]:
-        """A later claim of the same agent here: what it holds, as it holds it."""
-        return {"need": self.need, "pinned": self.allocation}
+    def _claim_kw(self, *, force: bool = False) -> dict[str, Any]:
+        """A later claim of the same agent here: what it asks for, and what it held (kept if it
+        still fits; ``force``: as it is, for a process that runs with it)."""
+        return {"need": self.need, "previous": self.allocation, "force": force}
+
+    def _no_room(self, claim: ClaimResult) -> bool:
+        """A restart or take-back here that no longer fits: queue the agent for a host that fits."""
+        if claim.short is None:
+            return False
+        why = describe_short(*claim.short)
+        log.warning("agent %s no longer fits host %s (%s); queued for other hosts", self.key, self.ctx.address(), why)
+        if self._stop is None:  # a stop asked for meanwhile stands (the agent is no longer wanted)
+            self._stop = _Stop(f"no longer fits this host ({why}); queued for any host", 0.0, hand_off=True,
+                               lost=False)
+            self._stop_requested.set()
+        return True
 
     async def _claim_again(self) -> bool:
         """Before a restart: the agent may have been reaped and adopted while it waited out its
@@ -322,9 +335,12 @@ class AgentSupervisor:
             self.record.output = [f"restart failed: cannot claim the agent: {exc}"]
             return False
         if not claim.ok:
+            if self._no_room(claim):
+                return False
             log.info("not restarting %s: %s owns it now", self.key, claim.owner)
             self.request_stop(f"another host ({claim.owner}) owns this agent now", 0.0, lost=True)
             return False
+        self._granted(claim.allocation)
         return True
 
     async def _watch(self, proc: AgentProcess) -> str:
@@ -434,19 +450,22 @@ class AgentSupervisor:
             log.warning("could not take %s back after fencing: %s; queued for any host", self.key, exc)
             self._stop = _Stop("fenced; queued for any host", 0.0, hand_off=True, lost=False)
             return False
+        if not claim.ok and self._no_room(claim):
+            return False
         if not claim.ok:
             why = f"another host ({claim.owner}) owns it now" if claim.owner else "no longer wanted"
             log.info("not taking %s back after fencing: %s", self.key, why)
             # Another owner's record is theirs; an unwanted agent's record is ours to remove.
             self._stop = _Stop(f"fenced; {why}", 0.0, hand_off=False, lost=bool(claim.owner))
             return False
+        self._granted(claim.allocation)
         self.claimed = True
         return True
 
     async def _reregister(self) -> None:
         try:
-            claim = await asyncio.wait_for(self.ctx.registry.claim_agent(self.snapshot(), **self._claim_kw()),
-                                           REGISTRY_STEP_S)
+            claim = await asyncio.wait_for(
+                self.ctx.registry.claim_agent(self.snapshot(), **self._claim_kw(force=True)), REGISTRY_STEP_S)
             if not claim.ok:
                 self.lose()
                 return

@@ -16,48 +16,47 @@ Shortfall = tuple[str, int, int]  # (resource, needed, largest free), as the cla
 
 def shortfall(host: HostRecord, need: ResourceRequest) -> Shortfall | None:
     """What ``host`` lacks for ``need`` (the first resource short), or None when it fits."""
-    inv, used = host.inventory, host.usage
-    for name, n, total, u in (("cpu", need.cpu, inv.cpu, used.cpu), ("mem", need.mem, inv.mem, used.mem)):
-        if n and total - u < n:
-            return name, n, total - u
+    free = host.free
+    if need.cpu and free.cpu < need.cpu:
+        return "cpu", need.cpu, free.cpu
+    if need.mem and free.mem < need.mem:
+        return "mem", need.mem, free.mem
     for name, n in need.custom.items():
-        free = inv.custom.get(name, 0) - used.custom.get(name, 0)
-        if free < n:
-            return f"custom:{name}", n, free
+        have = free.custom.get(name, 0)
+        if have < n:
+            return f"custom:{name}", n, have
     if need.gpu:
-        frees = [MILLI - used.gpus.get(d, 0) for d in inv.gpus]
-        largest = max(frees, default=0)
         if need.gpu >= MILLI:
-            whole = sum(1 for f in frees if f >= MILLI)
-            if whole * MILLI < need.gpu:
-                return "gpu", need.gpu, whole * MILLI if whole else largest
-        elif largest < need.gpu:
-            return "gpu", need.gpu, largest
+            if free.gpu_whole * MILLI < need.gpu:
+                return "gpu", need.gpu, free.gpu_whole * MILLI if free.gpu_whole else free.gpu_largest
+        elif free.gpu_largest < need.gpu:
+            return "gpu", need.gpu, free.gpu_largest
     return None
 
 
 def load(host: HostRecord, need: ResourceRequest) -> float:
     """How full the host is, 0..1: the largest share in use of its slots and of every resource
     the agent asks for (dominant share), so a GPU agent is placed by GPU load."""
-    shares = [host.agents / host.capacity if host.capacity > 0 else 0.0]
-    inv, used = host.inventory, host.usage
-    if need.cpu and inv.cpu:
-        shares.append(used.cpu / inv.cpu)
-    if need.mem and inv.mem:
-        shares.append(used.mem / inv.mem)
-    if need.gpu and inv.gpus:
-        shares.append(sum(used.gpus.values()) / (MILLI * len(inv.gpus)))
+    slots = host.agents / host.capacity if host.capacity > 0 else 0.0
+    shares = host.free.shares
+    if not shares or need.empty:
+        return slots
+    worst = slots
+    for name, asked in (("cpu", need.cpu), ("mem", need.mem), ("gpu", need.gpu)):
+        if asked and shares.get(name, 0.0) > worst:
+            worst = shares[name]
     for name in need.custom:
-        if inv.custom.get(name):
-            shares.append(used.custom.get(name, 0) / inv.custom[name])
-    return max(shares)
+        worst = max(worst, shares.get(f"custom:{name}", 0.0))
+    return worst
 
 
 def fitting(hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
     """Serving hosts with a free slot, the labels the selector asks for and room for the resources."""
     need = ResourceRequest.from_agent_spec(request.agent_spec)
     selector = PlacementPolicy.from_dict(request.placement).selector
-    return [h for h in hosts if h.accepts_agents and selector_matches(selector, h.labels) and
+    if need.empty:
+        return [h for h in hosts if h.accepts_agents and (not selector or selector_matches(selector, h.labels))]
+    return [h for h in hosts if h.accepts_agents and (not selector or selector_matches(selector, h.labels)) and
             shortfall(h, need) is None]
 
 

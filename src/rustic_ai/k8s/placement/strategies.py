@@ -57,13 +57,16 @@ class LeastLoaded:
     round-robin so that equal hosts share a burst instead of all of it landing on the first."""
 
     def __init__(self) -> None:
-        self._rr = RoundRobin()
+        self._counter = itertools.count()
 
     def order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
-        rotated = self._rr.order(hosts, request)
-        position = {h.address: i for i, h in enumerate(rotated)}
+        ready = sorted(candidates(hosts, request), key=lambda h: h.address)
+        if not ready:
+            return []
+        n, start = len(ready), next(self._counter) % len(ready)
         need = ResourceRequest.from_agent_spec(request.agent_spec)
-        return sorted(rotated, key=lambda h: (load(h, need), position[h.address]))
+        keyed = sorted(((load(h, need), (i - start) % n), i) for i, h in enumerate(ready))
+        return [ready[i] for _, i in keyed]
 
 
 class BinPacking:

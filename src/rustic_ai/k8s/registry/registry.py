@@ -238,7 +238,8 @@ class LocationRegistry:
     # -- agents: written by hosts --------------------------------------------------------
 
     async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True,
-                          require_desired: bool = False, need: str = "", pinned: str = "") -> ClaimResult:
+                          require_desired: bool = False, need: str = "", previous: str = "",
+                          force: bool = False) -> ClaimResult:
         """Registers (or re-registers) an agent on ``record.host`` atomically.
 
         Moving an agent between hosts removes it from the old host's set in the same
@@ -251,9 +252,11 @@ class LocationRegistry:
 
         ``need`` (a ResourceRequest's JSON) is deducted from what ``record.host`` has left in
         the same script, or the claim is refused (``ClaimResult(False, reason=SHORT, short=
-        (resource, needed, largest free))``, nothing changed); ``pinned`` (an Allocation's
-        JSON) is taken as it is — a host re-registering an agent that already runs on those
-        devices. The result's ``allocation`` says what the agent holds.
+        (resource, needed, largest free))``, nothing changed). ``previous`` (the Allocation
+        JSON the agent held here) is kept if it still fits beside the others — a restart keeps
+        its devices — else a new one is chosen; with ``force`` it is taken as it is (a host
+        re-registering an agent whose process runs on those devices). The result's
+        ``allocation`` says what the agent holds.
         """
         k = self.keys
         async with self._guard("claim_agent"):
@@ -261,7 +264,8 @@ class LocationRegistry:
                 keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host),
                       k.host(record.host), k.desired(record.guild_id), k.host_alloc(record.host), k.unplaced],
                 args=[self.agent_ttl_ms, k.member(record.key), record.agent_id, record.host, "1" if exclusive else "0",
-                      "1" if require_desired else "0", need, pinned, *_record_fields(record)],
+                      "1" if require_desired else "0", need, previous, "1" if force else "0",
+                      *_record_fields(record)],
             )
         if res[0] == "ok":
             return ClaimResult(True, allocation=res[1] if len(res) > 1 else "")

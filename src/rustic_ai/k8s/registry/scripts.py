@@ -105,17 +105,39 @@ local function allocate(need, inv, used)
   end
   return alloc
 end
+
+-- Does an allocation an agent held before still fit beside what the others hold now?
+local function still_fits(a, inv, used)
+  if (a.cpu or 0) > 0 and used.cpu + a.cpu > (inv.cpu or 0) then return false end
+  if (a.mem or 0) > 0 and used.mem + a.mem > (inv.mem or 0) then return false end
+  local have = type(inv.custom) == 'table' and inv.custom or {}
+  if type(a.custom) == 'table' then
+    for k, n in pairs(a.custom) do
+      if (used.custom[k] or 0) + n > (have[k] or 0) then return false end
+    end
+  end
+  if type(a.gpu) == 'table' then
+    local known = {}
+    for _, d in ipairs(type(inv.gpus) == 'table' and inv.gpus or {}) do known[d] = true end
+    for d, m in pairs(a.gpu) do
+      if not known[d] or (used.gpu[d] or 0) + m > 1000 then return false end
+    end
+  end
+  return true
+end
 """
 
 # KEYS: agent hash, guild set, new host-agents set, new host hash, guild's desired-state hash,
 #       new host's alloc hash, unplaced hash
 # ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"),
-#       require desired ("1"/"0"), resource request JSON ("" = none), pinned allocation JSON
-#       ("" = choose), field, value, ...
+#       require desired ("1"/"0"), resource request JSON ("" = none), previous allocation JSON
+#       ("" = none), force it ("1"/"0"), field, value, ...
 # Returns {"ok", allocation JSON}, {"conflict", other_host}, {"not_desired"} or
 # {"short", resource, needed, largest free}: the request does not fit what the host has left
-# (nothing changed). A pinned allocation (a host re-registering an agent that runs with
-# those devices) is taken as it is. The claim also clears the agent from the unplaced hash.
+# (nothing changed). A previous allocation is kept when it still fits beside the others (a
+# restart keeps its devices), else a new one is chosen; with force it is taken as it is (a
+# host re-registering an agent whose process runs on those devices: what runs is the truth).
+# The claim also clears the agent from the unplaced hash.
 # With exclusive, a live record owned by another host whose lease still exists is not taken
 # over: one agent, one owner.
 # With require desired, an agent whose desired state is gone is not claimed: an engine
@@ -141,12 +163,19 @@ if old_host and old_host ~= ARGV[4] then
     end
   end
 end
-local alloc_json = ARGV[8]
-if alloc_json == '' and ARGV[7] ~= '' then
+local alloc_json = ''
+if ARGV[8] ~= '' and ARGV[9] == '1' then
+  alloc_json = ARGV[8]
+elseif ARGV[7] ~= '' then
   local inv = cjson.decode(redis.call('HGET', KEYS[4], 'inventory') or '{}')
-  local alloc, what, needed, free = allocate(cjson.decode(ARGV[7]), inv, usage_of(KEYS[6], ARGV[2]))
-  if not alloc then return {'short', what, tostring(needed), tostring(free)} end
-  alloc_json = cjson.encode(alloc)
+  local used = usage_of(KEYS[6], ARGV[2])
+  if ARGV[8] ~= '' and still_fits(cjson.decode(ARGV[8]), inv, used) then
+    alloc_json = ARGV[8]
+  else
+    local alloc, what, needed, free = allocate(cjson.decode(ARGV[7]), inv, used)
+    if not alloc then return {'short', what, tostring(needed), tostring(free)} end
+    alloc_json = cjson.encode(alloc)
+  end
 end
 if old_host and old_host ~= ARGV[4] then
   local old_set = redis.call('HGET', KEYS[1], 'host_set')
@@ -155,7 +184,7 @@ if old_host and old_host ~= ARGV[4] then
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], 'host_alloc', KEYS[6], 'alloc', alloc_json,
-           unpack(ARGV, 9))
+           unpack(ARGV, 10))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[2])
