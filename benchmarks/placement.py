@@ -160,7 +160,7 @@ async def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n_hosts = args.hosts or (100 if args.quick else 1000)
     n_agents = args.agents or (1000 if args.quick else 10000)
-    n_launch = args.launches or (5 if args.quick else 15)
+    n_launch = args.launches or (5 if args.quick else 30)
     placed = await placement_and_claim(n_hosts, n_agents)
     print(f"placement+claim over {n_hosts} hosts, {n_agents} agents: p50 {placed['p50']:.3f} ms, "
           f"p99 {placed['p99']:.3f} ms, max {placed['max']:.2f} ms; {placed['claims_per_placement_mean']:.2f} "

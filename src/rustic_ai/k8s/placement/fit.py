@@ -8,7 +8,7 @@ costs at most a refusal and a try of the next host.
 
 from __future__ import annotations
 
-from ..base.models import HostRecord, LaunchRequest
+from ..base.models import HostRecord, HostState, LaunchRequest
 from ..base.resources import MILLI, PlacementPolicy, ResourceRequest, describe_short, fmt, selector_matches
 
 Shortfall = tuple[str, int, int]  # (resource, needed, largest free), as the claim script answers
@@ -60,6 +60,48 @@ def fitting(hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]
             shortfall(h, need) is None]
 
 
+def ranked(hosts: list[HostRecord], request: LaunchRequest) -> list[tuple[float, HostRecord]]:
+    """(load, host) for every host that fits (``fitting``), in the hosts' order, in one pass.
+
+    The hot path of every placement (a thousand hosts per launch in a large fleet): the checks of
+    ``fitting``, ``shortfall`` and ``load`` inlined over each host's precomputed ``free``.
+    """
+    need = ResourceRequest.from_agent_spec(request.agent_spec)
+    selector = PlacementPolicy.from_dict(request.placement).selector
+    cpu, mem, gpu, custom = need.cpu, need.mem, need.gpu, tuple(need.custom.items())
+    whole = gpu // MILLI if gpu >= MILLI else 0
+    serving = HostState.SERVING
+    out = []
+    for h in hosts:
+        if h.state != serving or (h.capacity > 0 and h.agents >= h.capacity):
+            continue
+        if selector and not selector_matches(selector, h.labels):
+            continue
+        slots = h.agents / h.capacity if h.capacity > 0 else 0.0
+        if need.empty:
+            out.append((slots, h))
+            continue
+        f = h.free
+        if (cpu and f.cpu < cpu) or (mem and f.mem < mem):
+            continue
+        if gpu and ((whole and f.gpu_whole < whole) or (not whole and f.gpu_largest < gpu)):
+            continue
+        if custom and any(f.custom.get(k, 0) < n for k, n in custom):
+            continue
+        shares = f.shares
+        worst = slots
+        if cpu and shares.get("cpu", 0.0) > worst:
+            worst = shares["cpu"]
+        if mem and shares.get("mem", 0.0) > worst:
+            worst = shares["mem"]
+        if gpu and shares.get("gpu", 0.0) > worst:
+            worst = shares["gpu"]
+        for k, _ in custom:
+            worst = max(worst, shares.get(f"custom:{k}", 0.0))
+        out.append((worst, h))
+    return out
+
+
 def explain_no_fit(hosts: list[HostRecord], request: LaunchRequest) -> str:
     """Why no host fits, naming what is short: "needs 1 GPU; largest free 0.5 (2 hosts ...)"."""
     need = ResourceRequest.from_agent_spec(request.agent_spec)
@@ -87,4 +129,4 @@ def explain_no_fit(hosts: list[HostRecord], request: LaunchRequest) -> str:
         f"; the agent asks for {need.describe()})" if not need.empty else ")")
 
 
-__all__ = ["explain_no_fit", "fitting", "fmt", "load", "shortfall"]
+__all__ = ["explain_no_fit", "fitting", "fmt", "load", "ranked", "shortfall"]

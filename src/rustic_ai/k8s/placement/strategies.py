@@ -24,8 +24,7 @@ from typing import Protocol
 
 from ..base.errors import ConfigError
 from ..base.models import HostRecord, LaunchRequest
-from ..base.resources import ResourceRequest
-from .fit import fitting, load
+from .fit import fitting, ranked
 
 
 class PlacementStrategy(Protocol):
@@ -45,7 +44,7 @@ class RoundRobin:
         self._counter = itertools.count()
 
     def order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
-        ready = sorted(candidates(hosts, request), key=lambda h: h.address)
+        ready = sorted((h for _, h in ranked(hosts, request)), key=lambda h: h.address)
         if not ready:
             return []
         start = next(self._counter) % len(ready)
@@ -60,21 +59,21 @@ class LeastLoaded:
         self._counter = itertools.count()
 
     def order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
-        ready = sorted(candidates(hosts, request), key=lambda h: h.address)
+        ready = sorted(ranked(hosts, request), key=lambda lh: lh[1].address)
         if not ready:
             return []
         n, start = len(ready), next(self._counter) % len(ready)
-        need = ResourceRequest.from_agent_spec(request.agent_spec)
-        keyed = sorted(((load(h, need), (i - start) % n), i) for i, h in enumerate(ready))
-        return [ready[i] for _, i in keyed]
+        keyed = sorted((load, (i - start) % n, i) for i, (load, _) in enumerate(ready))
+        return [ready[i][1] for _, _, i in keyed]
 
 
 class BinPacking:
     """Fullest host that still fits first, ties by address: hosts fill one after another."""
 
     def order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
-        need = ResourceRequest.from_agent_spec(request.agent_spec)
-        return sorted(candidates(hosts, request), key=lambda h: (-load(h, need), h.address))
+        ready = ranked(hosts, request)
+        keyed = sorted((-load, h.address, i) for i, (load, h) in enumerate(ready))
+        return [ready[i][1] for _, _, i in keyed]
 
 
 def with_affinity(order: list[HostRecord], affinity: str, guild_load: Mapping[str, int]) -> list[HostRecord]:
