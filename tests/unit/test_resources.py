@@ -43,6 +43,8 @@ def test_requests_are_read_from_the_agent_spec_and_bad_ones_are_refused():
         ResourceRequest.from_agent_spec({"resources": {"num_gpus": 1.5}})
     with pytest.raises(InvalidSpecError, match="num_cpus must be a finite number >= 0"):
         ResourceRequest.from_agent_spec({"resources": {"num_cpus": -1}})
+    with pytest.raises(InvalidSpecError, match="at most"):
+        ResourceRequest.from_agent_spec({"resources": {"num_cpus": 1e308}})
     with pytest.raises(InvalidSpecError, match="must be a number"):
         ResourceRequest.from_agent_spec({"resources": {"custom_resources": {"x": "lots"}}})
 

@@ -36,6 +36,7 @@ from typing import Any
 from .errors import ConfigError, InvalidSpecError
 
 MILLI = 1000
+MAX_AMOUNT = 1e9  # keeps thousandths far inside the integers a double (Redis's Lua) holds exactly
 MEMORY_RESOURCE = "memory_mb"  # the custom resource name read as memory (MiB)
 GUILD_PROPERTY = "rustic_k8s_placement"
 AFFINITIES = ("none", "pack", "spread", "strict_pack", "strict_spread")
@@ -47,8 +48,8 @@ def _milli(value: Any, what: str) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise InvalidSpecError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise InvalidSpecError(f"{what} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(number) or number < 0 or number > MAX_AMOUNT:
+        raise InvalidSpecError(f"{what} must be a finite number >= 0 (at most {MAX_AMOUNT:g}), got {value!r}")
     return round(number * MILLI)
 
 
