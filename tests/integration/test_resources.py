@@ -236,3 +236,19 @@ async def test_a_launch_can_wait_for_capacity_to_appear(engine, fleet, messaging
     record = await asyncio.wait_for(waiting, 20)
     assert record.host == fleet["gpu-b"].address
     await stop_all(engine, g.id)
+
+
+async def test_rustic_k8s_hosts_shows_used_over_total(engine, fleet, redis_url, key_prefix, messaging):
+    import os
+    import sys
+
+    g = guild(gid(), {"selector": {"zone": "a"}})
+    await engine.run_agent(g, agent("counted", num_gpus=0.5, num_cpus=1), messaging)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rustic_ai.k8s.cli.main", "hosts", "--redis-url", redis_url, "--key-prefix", key_prefix,
+        stdout=asyncio.subprocess.PIPE, env=dict(os.environ))
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    [row] = [line for line in out.decode().splitlines() if line.startswith(fleet["gpu-a"].address)]
+    assert "1/4" in row and "0.5/2" in row and "license=0/1" in row and "pool=gpu,zone=a" in row
+    await stop_all(engine, g.id)

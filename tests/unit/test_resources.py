@@ -161,3 +161,24 @@ def test_bad_resource_settings_name_their_variable():
         EngineSettings.from_env({"RUSTIC_K8S_PLACEMENT": "random"})
     assert HostSettings.from_env({"RUSTIC_AGENT_HOST_RESOURCES": '{"license": 2}'}).custom_resources() == {
         "license": 2}
+
+
+def test_host_metrics_export_totals_use_and_each_gpu_s_share():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rustic_ai.k8s.host.metrics import HostMetrics, HostView
+
+    metrics = HostMetrics()
+    metrics.view = lambda: HostView(agents=[], capacity=3, draining=False, heartbeat_lag_s=0.1,
+                                    inventory=HostInventory(cpu=4000, mem=2048, gpus=("0", "1"),
+                                                            custom={"license": 2000}),
+                                    usage=Usage(cpu=1500, mem=512, gpus={"0": 500}, custom={"license": 1000}))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples}
+    capacity, used = "rustic_agent_host_resource_capacity", "rustic_agent_host_resource_used"
+    assert samples[(capacity, (("resource", "gpu"),))] == 2 and samples[(used, (("resource", "gpu"),))] == 0.5
+    assert samples[(capacity, (("resource", "cpu"),))] == 4 and samples[(used, (("resource", "cpu"),))] == 1.5
+    assert samples[(used, (("resource", "memory_mb"),))] == 512
+    assert samples[(used, (("resource", "custom:license"),))] == 1
+    assert samples[("rustic_agent_host_gpu_used", (("device", "0"),))] == 0.5
+    assert samples[("rustic_agent_host_gpu_used", (("device", "1"),))] == 0
