@@ -251,4 +251,10 @@ async def test_rustic_k8s_hosts_shows_used_over_total(engine, fleet, redis_url, 
     assert proc.returncode == 0
     [row] = [line for line in out.decode().splitlines() if line.startswith(fleet["gpu-a"].address)]
     assert "1/4" in row and "0.5/2" in row and "license=0/1" in row and "pool=gpu,zone=a" in row
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rustic_ai.k8s.cli.main", "agents", "--guild", g.id, "--redis-url", redis_url,
+        "--key-prefix", key_prefix, stdout=asyncio.subprocess.PIPE, env=dict(os.environ))
+    out, _ = await proc.communicate()
+    [line] = [line for line in out.decode().splitlines() if "counted" in line]
+    assert "1 CPU" in line and "GPU GPU-a" in line and "×0.5" in line  # what the agent holds
     await stop_all(engine, g.id)

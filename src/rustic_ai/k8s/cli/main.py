@@ -24,7 +24,7 @@ from typing import Any
 
 from ..base.errors import RusticK8sError
 from ..base.models import AgentKey, AgentRecord, HostRecord
-from ..base.resources import fmt
+from ..base.resources import Allocation, fmt
 from ..base.settings import EngineSettings
 
 
@@ -47,7 +47,8 @@ def _age(started_at: float) -> str:
 def _agent_row(r: AgentRecord) -> dict[str, Any]:
     return {"guild": r.guild_id, "id": r.agent_id, "name": r.name, "class": r.class_name.rsplit(".", 1)[-1],
             "host": r.host, "pid": r.pid, "state": str(r.state), "restarts": r.restarts,
-            "exit": "" if r.exit_code is None else r.exit_code}
+            "exit": "" if r.exit_code is None else r.exit_code,
+            "resources": Allocation.from_json(r.allocation).describe()}
 
 
 async def _fleet(args: argparse.Namespace):
@@ -115,7 +116,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         print(json.dumps([{**dataclasses.asdict(r), "output": None} for r in records], default=str, indent=2))
     else:
         print(_table([_agent_row(r) for r in records],
-                     ["guild", "id", "name", "class", "host", "pid", "state", "restarts", "exit"]))
+                     ["guild", "id", "name", "class", "host", "pid", "state", "restarts", "exit", "resources"]))
     return 0
 
 
