@@ -16,10 +16,11 @@ import pytest
 from rustic_ai.core.guild.builders import AgentBuilder, GuildBuilder
 from rustic_ai.core.guild.dsl import ResourceSpec
 from support.eventually import eventually
+from support.fleet import peers_known
 from support.hosts import HostProcess, pid_alive
 from support.resource_agents import ENV_DIR_ENV, EnvReporter, env_path
 
-from rustic_ai.k8s import AgentState, AsyncK8sEngine
+from rustic_ai.k8s import AgentState, AsyncK8sEngine, EngineSettings
 from rustic_ai.k8s.base.models import AgentKey
 
 FAST = {
@@ -85,6 +86,8 @@ async def test_a_killed_host_s_gpu_agents_go_only_where_they_fit_and_one_that_fi
         plain = await engine.run_agent(g, agent("plain"), messaging)
         assert {r.host for r in [*gpu, plain]} == {a.address}
         b, c = hosts(b={"RUSTIC_AGENT_HOST_GPUS": "1"}, c={"RUSTIC_AGENT_HOST_GPUS": "none"})
+        # a must have heard of b and c, or they rightly wait out its whole hold limit before reaping it.
+        await peers_known(engine.registry, [a.address, b.address, c.address])
         a.kill()  # SIGKILL: no drain; its agents die with it (PDEATHSIG)
         await eventually(lambda: not any(pid_alive(r.pid) for r in [*gpu, plain]), timeout=5,
                          what="a's agents died with it")
@@ -127,3 +130,28 @@ async def test_a_killed_host_s_gpu_agents_go_only_where_they_fit_and_one_that_fi
             await engine.stop_agent(g.id, aid)
         usage = {h.address: h.usage for h in await engine.registry.list_hosts()}
         assert all(not u.gpus or sum(u.gpus.values()) == 0 for u in usage.values())  # all given back
+
+
+async def test_a_draining_host_s_gpu_agent_moves_only_to_a_host_with_a_gpu(hosts, redis_url, prefix, messaging,
+                                                                            tmp_path):
+    [a] = hosts(a={"RUSTIC_AGENT_HOST_GPUS": "1"})
+    settings = EngineSettings.from_env({}, redis_url=redis_url, key_prefix=prefix, call_timeout_s=5.0,
+                                       launch_timeout_s=30.0, discovery_refresh_s=0.2)
+    g = GuildBuilder(f"dr-{uuid.uuid4().hex[:8]}", "Drain Guild", "resources survive a drain").build_spec()
+    async with AsyncK8sEngine(settings) as engine:
+        first = await engine.run_agent(g, agent("gpu", num_gpus=1), messaging)
+        assert first.host == a.address
+        cpu_only, gpu_host = hosts(c={"RUSTIC_AGENT_HOST_GPUS": "none", "RUSTIC_AGENT_HOST_CAPACITY": "1000"},
+                                   g={"RUSTIC_AGENT_HOST_GPUS": "GPU-g0"})
+        assert a.terminate() == 0  # SIGTERM: drain, hand the agent to the fleet
+
+        async def moved():
+            r = await engine.registry.get_agent(first.key)
+            return r if r is not None and r.state == AgentState.RUNNING and r.host != a.address else None
+
+        record = await eventually(moved, timeout=20, what="the drained agent running elsewhere")
+        assert record.host == gpu_host.address  # not the emptier CPU-only host
+        env = await eventually(lambda: (e := env_of(tmp_path, g.id, "gpu")) and e["pid"] == record.pid and e,
+                               timeout=10, what="env of the moved agent")
+        assert env["CUDA_VISIBLE_DEVICES"] == "GPU-g0"
+        assert cpu_only.address not in {r.host for r in await engine.list_agents(g.id)}
