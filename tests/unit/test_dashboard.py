@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rustic_ai.k8s.base.resources import HostInventory, Usage
 from rustic_ai.k8s.engine.metrics import EngineMetrics
 from rustic_ai.k8s.host.metrics import AgentView, HostMetrics, HostView
 
@@ -18,7 +19,8 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana-dashboard.
 def exported_samples() -> set[str]:
     host = HostMetrics()
     host.view = lambda: HostView(agents=[AgentView("g", "a", "running", pid=1)], capacity=3, draining=False,
-                                 heartbeat_lag_s=0.1, memory_limit_bytes=1)
+                                 heartbeat_lag_s=0.1, memory_limit_bytes=1,
+                                 inventory=HostInventory(cpu=2000, gpus=("0",)), usage=Usage(gpus={"0": 500}))
     host.launched(None, 0.2)
     host.observe_call("CreateAgent", "OK", 0.1)
     engine = EngineMetrics()

@@ -457,3 +457,36 @@ def test_hosts_carry_what_their_guild_managers_engines_need():
     settings = EngineSettings.from_env({k: v for k, v in env.items() if v is not None})
     assert (settings.discovery, settings.k8s_service, settings.redis_url) == (
         "kubernetes", "rustic-agent-host", "redis://redis:6379/0")
+
+
+# -- the GPU host pool (docker/components/gpu, a kustomize Component) -------------------
+
+
+def test_the_gpu_component_puts_hosts_on_gpu_nodes_with_device_plugin_limits(tmp_path):
+    """Built the way its header says: a kustomization outside docker/k8s adds it to the base."""
+    rel = os.path.relpath(K8S, tmp_path)
+    gpu = os.path.relpath(ROOT / "docker" / "components" / "gpu", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel}]\ncomponents: [{gpu}]\n")
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to build the kustomization (it ships with this machine image)"
+    run = subprocess.run([kubectl, "kustomize", str(tmp_path)], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    built = [d for d in yaml.safe_load_all(run.stdout) if d]
+    assert {(d["kind"], d["metadata"]["name"]) for d in built} == set(resources())  # the base, nothing lost
+    for doc in built:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    host = next(d for d in built if d["kind"] == "Deployment" and d["metadata"]["name"] == "rustic-agent-host")
+    pod = host["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    [container] = [c for c in pod["containers"] if c["name"] == "agent-host"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RUSTIC_AGENT_HOST_LABELS"] == "pool=gpu"
+    assert "RUSTIC_AGENT_HOST_GPUS" not in env  # detected from the device plugin's NVIDIA_VISIBLE_DEVICES
+    assert "POD_IP" in env and "RUSTIC_AGENT_HOST_DRAIN_TIMEOUT_S" in env  # the base's env is kept, not replaced
+    assert {n for n in env if n.startswith("RUSTIC_")} <= KNOWN_ENV

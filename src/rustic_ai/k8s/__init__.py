@@ -17,6 +17,7 @@ from .base.errors import (
     GuildLimitError,
     HostFullError,
     HostUnavailableError,
+    InsufficientResourcesError,
     InvalidSpecError,
     LaunchTimeoutError,
     NoHostAvailableError,
@@ -27,6 +28,7 @@ from .base.errors import (
     TemporaryError,
 )
 from .base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from .base.resources import PlacementPolicy
 from .base.settings import EngineSettings, HostSettings
 from .base.version import VERSION as __version__
 from .engine import AsyncK8sEngine, K8sExecutionEngine
@@ -48,6 +50,7 @@ __all__ = [
     "HostSettings",
     "HostState",
     "HostUnavailableError",
+    "InsufficientResourcesError",
     "InvalidSpecError",
     "K8sExecutionEngine",
     "LaunchRequest",
@@ -55,6 +58,7 @@ __all__ = [
     "NoHostAvailableError",
     "NotAuthorizedError",
     "PermanentError",
+    "PlacementPolicy",
     "RegistryUnavailableError",
     "RusticK8sError",
     "TemporaryError",

@@ -67,6 +67,15 @@ class NoHostAvailableError(TemporaryError):
     """No live host with room accepted the agent."""
 
 
+class InsufficientResourcesError(HostFullError, NoHostAvailableError):
+    """The agent's resources (or its label selector) fit this host, or every host, no more.
+
+    The message names what is short, e.g. "needs 1 GPU; largest free 0.5". A host answers it
+    with RESOURCE_EXHAUSTED (the engine tries the next host); an engine raises it when no
+    host fits, after waiting for capacity if asked to (RUSTIC_K8S_CAPACITY_WAIT_S).
+    """
+
+
 class RegistryUnavailableError(TemporaryError):
     """Redis could not be reached; the operation did not happen."""
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .resources import Free, HostInventory, Usage
 
 
 class AgentState(enum.StrEnum):
@@ -63,6 +66,13 @@ class LaunchRequest(BaseModel):
     # W3C trace context (traceparent, tracestate) of the call that launched the agent: the
     # agent process starts its build span under it. Filled by the host, never by engines.
     trace_context: dict[str, str] = Field(default_factory=dict)
+    # Where the agent may run and how it relates to its guild (base/resources.py
+    # PlacementPolicy.to_dict()); set by the engine, kept in the desired state, so a host
+    # adopting the agent honours the selector too.
+    placement: dict[str, Any] = Field(default_factory=dict)
+    # CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES for the devices the registry granted the
+    # agent. Filled by the host right before the launch; whatever an engine put here is replaced.
+    device_env: dict[str, str] = Field(default_factory=dict)
 
     @property
     def key(self) -> AgentKey:
@@ -87,6 +97,7 @@ class AgentRecord:
     exit_code: int | None = None
     output: list[str] = dataclasses.field(default_factory=list)
     host_alive: bool = True  # registry reads: is the owning host's lease current?
+    allocation: str = ""  # what the registry granted it on its host (base/resources.Allocation JSON); "" = a slot only
 
     @property
     def key(self) -> AgentKey:
@@ -112,6 +123,15 @@ class HostRecord:
     state: HostState = HostState.SERVING
     version: str = ""
     started_at: float = 0.0
+    # Resources (base/resources.py): totals the host advertises, what its agents hold, its labels.
+    inventory: HostInventory = dataclasses.field(default_factory=HostInventory)
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def free(self) -> Free:
+        """What is left of the inventory (computed once per record: a listing serves many placements)."""
+        return Free.of(self.inventory, self.usage)
 
     @property
     def has_room(self) -> bool:

@@ -10,6 +10,7 @@ reference, so the docs and the code cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any, Self
@@ -17,6 +18,7 @@ from typing import Any, Self
 from .allowlist import DEFAULT_ALLOWED_MODULES
 from .errors import ConfigError
 from .redact import MASK, redact_url
+from .resources import AFFINITIES, parse_labels
 
 ENGINE_PREFIX = "RUSTIC_K8S_"
 HOST_PREFIX = "RUSTIC_AGENT_HOST_"
@@ -249,6 +251,24 @@ class HostSettings(_RedisSettings):
         "crash (restarted, or failed). 0 = no limit.",
     )
     memory_check_s: float = _field(1.0, HOST_PREFIX + "MEMORY_CHECK_S", "Seconds between agent memory samples.")
+    # Resources (docs/resources.md): what this host offers agents that ask for resources.
+    cpus: float = _field(
+        0.0, HOST_PREFIX + "CPUS", "CPUs offered to agents' num_cpus; 0 = the cgroup's CPU limit, else the CPUs this "
+        "process may run on.",
+    )
+    memory_mb: int = _field(
+        0, HOST_PREFIX + "MEMORY_MB", "Memory (MiB) offered to agents' memory_mb; 0 = the cgroup's memory limit, "
+        "else the machine's.",
+    )
+    gpus: str = _field(
+        "", HOST_PREFIX + "GPUS", "GPU devices: empty = detect (NVIDIA_VISIBLE_DEVICES, else nvidia-smi); none; "
+        "a count N (devices 0..N-1); or a comma-separated list of device indexes or UUIDs.",
+    )
+    resources: str = _field(
+        "", HOST_PREFIX + "RESOURCES", 'Custom resources as a JSON object, e.g. {"license": 2}: matched against '
+        "agents' custom_resources.",
+    )
+    labels: str = _field("", HOST_PREFIX + "LABELS", "Labels for placement selectors, e.g. pool=gpu,zone=a.")
     # Observability (README "Observability").
     metrics_listen: str = _field(
         "", HOST_PREFIX + "METRICS_LISTEN", "Prometheus metrics endpoint host:port (GET /metrics); empty = off."
@@ -307,6 +327,27 @@ class HostSettings(_RedisSettings):
         self._require(self.memory_check_s > 0, "memory_check_s", "must be positive")
         self._require(not self.metrics_listen or ":" in self.metrics_listen, "metrics_listen", "must be host:port")
         self._require(not self.health_listen or ":" in self.health_listen, "health_listen", "must be host:port")
+        self._require(self.cpus >= 0, "cpus", "must not be negative")
+        self._require(self.memory_mb >= 0, "memory_mb", "must not be negative")
+        self.custom_resources()
+        self.label_map()
+
+    def custom_resources(self) -> dict[str, float]:
+        """RUSTIC_AGENT_HOST_RESOURCES as a dict; ConfigError naming the variable if it is not one."""
+        if not self.resources.strip():
+            return {}
+        try:
+            value = json.loads(self.resources)
+        except ValueError as exc:
+            value = exc
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in value.items())
+        self._require(ok, "resources", 'must be a JSON object of name -> amount >= 0, e.g. {"license": 2}')
+        return dict(value)  # type: ignore[arg-type]
+
+    def label_map(self) -> dict[str, str]:
+        return parse_labels(self.labels, HOST_PREFIX + "LABELS")
 
     @property
     def tls(self) -> bool:
@@ -321,7 +362,21 @@ class EngineSettings(_RedisSettings):
         "registry", ENGINE_PREFIX + "DISCOVERY", "Where hosts come from: registry (hosts that registered), static, kubernetes or dns."
     )
     hosts: tuple = _field((), ENGINE_PREFIX + "HOSTS", "Comma-separated host:port list for static discovery.")
-    placement: str = _field("least_loaded", ENGINE_PREFIX + "PLACEMENT", "round_robin or least_loaded.")
+    placement: str = _field(
+        "least_loaded", ENGINE_PREFIX + "PLACEMENT",
+        "least_loaded (spread by load), bin_packing (fill a host before the next) or round_robin; every strategy "
+        "only considers hosts that fit the agent's resources and selector.",
+    )
+    affinity: str = _field(
+        "none", ENGINE_PREFIX + "AFFINITY",
+        "Default affinity of a guild's agents: none, pack, spread, strict_pack or strict_spread (docs/resources.md).",
+    )
+    selector: str = _field("", ENGINE_PREFIX + "SELECTOR", "Default host label selector, e.g. pool=gpu.")
+    capacity_wait_s: float = _field(
+        0.0, ENGINE_PREFIX + "CAPACITY_WAIT_S",
+        "When no host fits an agent, how long a launch waits for capacity to appear (a scale-up) before "
+        "RESOURCE_EXHAUSTED; 0 = fail at once.",
+    )
     call_timeout_s: float = _field(10.0, ENGINE_PREFIX + "CALL_TIMEOUT_S", "Deadline of every gRPC call but launches.")
     launch_timeout_s: float = _field(90.0, ENGINE_PREFIX + "LAUNCH_TIMEOUT_S", "Deadline of a CreateAgent call.")
     max_message_bytes: int = _field(
@@ -404,7 +459,11 @@ class EngineSettings(_RedisSettings):
             self.k8s_backoff_max_s >= self.k8s_backoff_initial_s, "k8s_backoff_max_s", "must be at least the initial"
         )
         self._require(self.discovery_start_timeout_s >= 0, "discovery_start_timeout_s", "must not be negative")
-        self._require(self.placement in ("round_robin", "least_loaded"), "placement", "unknown strategy")
+        self._require(self.placement in ("round_robin", "least_loaded", "bin_packing"), "placement",
+                      "must be least_loaded, bin_packing or round_robin")
+        self._require(self.affinity in AFFINITIES, "affinity", f"must be one of {', '.join(AFFINITIES)}")
+        parse_labels(self.selector, ENGINE_PREFIX + "SELECTOR")
+        self._require(self.capacity_wait_s >= 0, "capacity_wait_s", "must not be negative")
         self._require(self.call_timeout_s > 0, "call_timeout_s", "must be positive")
         self._require(self.launch_timeout_s > 0, "launch_timeout_s", "must be positive")
         _validate_redis(self)

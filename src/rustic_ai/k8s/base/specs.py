@@ -57,6 +57,7 @@ def build_launch_request(
     default_topic: str = "",
     restart_policy_json: bytes | str = b"",
     trace_context: dict[str, str] | None = None,
+    placement_json: bytes | str = b"",
 ) -> LaunchRequest:
     """Builds a request from wire fields, with an error that names the bad field."""
     props = _loads_object(client_properties_json, "client_properties_json") if client_properties_json else {}
@@ -78,6 +79,10 @@ def build_launch_request(
         "restart": restart,
         "trace_context": dict(trace_context or {}),
     }
+    if placement_json:
+        from .resources import PlacementPolicy
+
+        fields["placement"] = PlacementPolicy.from_dict(_loads_object(placement_json, "placement_json")).to_dict()
     if client_type:
         fields["client_type"] = client_type
     if default_topic:

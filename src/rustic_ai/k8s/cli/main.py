@@ -2,6 +2,7 @@
 
     rustic-k8s local [--hosts N] [--agents N] [--launch-mode warm|cold] [--redis-url URL] [--exit]
     rustic-k8s hosts  [-o json]
+    rustic-k8s unplaced [-o json]
     rustic-k8s agents [--guild G] [-o json]
     rustic-k8s agent GUILD AGENT [--lines N] [-o json]
     rustic-k8s stop GUILD AGENT
@@ -27,8 +28,9 @@ import time
 from typing import Any
 
 from ..base.errors import ConfigError, RegistryUnavailableError, RusticK8sError
-from ..base.models import AgentKey, AgentRecord
+from ..base.models import AgentKey, AgentRecord, HostRecord
 from ..base.redact import redact_url
+from ..base.resources import Allocation, fmt
 from ..base.settings import EngineSettings, HostSettings
 from . import certs
 
@@ -52,7 +54,8 @@ def _age(started_at: float) -> str:
 def _agent_row(r: AgentRecord) -> dict[str, Any]:
     return {"guild": r.guild_id, "id": r.agent_id, "name": r.name, "class": r.class_name.rsplit(".", 1)[-1],
             "host": r.host, "pid": r.pid, "state": str(r.state), "restarts": r.restarts,
-            "exit": "" if r.exit_code is None else r.exit_code}
+            "exit": "" if r.exit_code is None else r.exit_code,
+            "resources": Allocation.from_json(r.allocation).describe()}
 
 
 def _settings(args: argparse.Namespace) -> EngineSettings:
@@ -70,6 +73,18 @@ async def _fleet(args: argparse.Namespace):
     return AsyncK8sEngine(args.settings, stop_agents_on_shutdown=False)
 
 
+def _resource_cells(h: HostRecord) -> dict[str, str]:
+    """used/total per resource, as `rustic-k8s hosts` shows them ("" for what the host does not offer)."""
+    inv, used = h.inventory, h.usage
+    gpus = ""
+    if inv.gpus:
+        gpus = f"{fmt(sum(used.gpus.values()))}/{len(inv.gpus)}"
+    custom = " ".join(f"{k}={fmt(used.custom.get(k, 0))}/{fmt(v)}" for k, v in sorted(inv.custom.items()))
+    return {"cpu": f"{fmt(used.cpu)}/{fmt(inv.cpu)}" if inv.cpu else "",
+            "memory": f"{used.mem}/{inv.mem}Mi" if inv.mem else "", "gpu": gpus, "custom": custom,
+            "labels": ",".join(f"{k}={v}" for k, v in sorted(h.labels.items()))}
+
+
 async def cmd_hosts(args: argparse.Namespace) -> int:
     async with await _fleet(args) as eng:
         hosts = await eng.registry.list_hosts()
@@ -79,8 +94,24 @@ async def cmd_hosts(args: argparse.Namespace) -> int:
         print(f"no agent hosts registered in {_where(eng.settings)}")
     else:
         print(_table([{"address": h.address, "name": h.name, "state": str(h.state),
-                       "agents": f"{h.agents}/{h.capacity}", "uptime": _age(h.started_at), "version": h.version}
-                      for h in hosts], ["address", "name", "state", "agents", "uptime", "version"]))
+                       "agents": f"{h.agents}/{h.capacity}", **_resource_cells(h), "uptime": _age(h.started_at),
+                       "version": h.version}
+                      for h in hosts], ["address", "name", "state", "agents", "cpu", "memory", "gpu", "custom",
+                                        "labels", "uptime", "version"]))
+    return 0
+
+
+async def cmd_unplaced(args: argparse.Namespace) -> int:
+    """Wanted agents that no host could fit when they were to be placed again (failover, drain)."""
+    async with await _fleet(args) as eng:
+        entries = await eng.registry.list_unplaced()
+    if args.output == "json":
+        print(json.dumps([{"guild": u.key.guild_id, "agent": u.key.agent_id, "reason": u.reason, "host": u.host,
+                           "since": u.at} for u in entries], indent=2))
+    else:
+        print(_table([{"guild": u.key.guild_id, "agent": u.key.agent_id, "waiting": _age(u.at),
+                       "last tried on": u.host, "reason": u.reason} for u in entries],
+                     ["guild", "agent", "waiting", "last tried on", "reason"]))
     return 0
 
 
@@ -106,7 +137,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         print(f"no agents{guild} on the {len(hosts)} agent host(s) registered in {_where(eng.settings)}")
     else:
         print(_table([_agent_row(r) for r in records],
-                     ["guild", "id", "name", "class", "host", "pid", "state", "restarts", "exit"]))
+                     ["guild", "id", "name", "class", "host", "pid", "state", "restarts", "exit", "resources"]))
     return 0
 
 
@@ -174,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
         return sp
 
-    fleet("hosts", "list agent hosts")
+    fleet("hosts", "list agent hosts with their resources (used/total)")
+    fleet("unplaced", "list wanted agents no host can fit (they wait in the orphan queue)")
     agents = fleet("agents", "list agents on every host")
     agents.add_argument("--guild", default="", help="only this guild")
     agent = fleet("agent", "show one agent with its recent output")
@@ -209,7 +241,8 @@ def _local(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop, "drain": cmd_drain}
+    handlers = {"hosts": cmd_hosts, "agents": cmd_agents, "agent": cmd_agent, "stop": cmd_stop, "drain": cmd_drain,
+                "unplaced": cmd_unplaced}
     if args.command == "certs":
         return certs.run(args)
     try:

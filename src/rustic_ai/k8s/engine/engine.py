@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -31,12 +32,14 @@ from ..base.errors import (
     AgentNotFoundError,
     HostFullError,
     HostUnavailableError,
+    InsufficientResourcesError,
     InvalidSpecError,
     LaunchTimeoutError,
     NoHostAvailableError,
     RusticK8sError,
 )
 from ..base.models import AgentKey, AgentRecord, HostRecord, LaunchRequest
+from ..base.resources import Allocation, PlacementPolicy, ResourceRequest, parse_labels, resolve_policy
 from ..base.restart import RestartPolicy
 from ..base.settings import EngineSettings
 from ..base.specs import launch_request_from_models
@@ -45,8 +48,10 @@ from ..placement import (
     Discovery,
     PlacementStrategy,
     RegistryDiscovery,
+    explain_no_fit,
     merge_with_registry,
     strategy_named,
+    with_affinity,
 )
 from ..placement.factory import discovery_from_settings
 from ..protocol import ChannelPool
@@ -59,6 +64,7 @@ _tracer = trace.get_tracer("rustic_ai.k8s.engine")
 
 _FRESH_S = 2.0  # a host that answered within this long is not probed before a launch
 manager_agent_id = GuildHelper.get_manager_agent_id  # rusticai-core's id of a bootstrapped guild's manager
+_CAPACITY_POLL_S = 0.5  # how often a launch waiting for capacity (capacity_wait_s) looks again
 
 
 class AsyncK8sEngine:
@@ -102,6 +108,9 @@ class AsyncK8sEngine:
         self.stop_agents_on_shutdown = stop_agents_on_shutdown
         self._hosts = CachedHosts(self.settings.discovery_refresh_s)
         self._in_flight: collections.Counter[str] = collections.Counter()  # launches under way per host
+        self._in_flight_guild: collections.Counter[tuple[str, str]] = collections.Counter()  # (guild, host)
+        self.default_placement = PlacementPolicy(
+            selector=parse_labels(self.settings.selector, "RUSTIC_K8S_SELECTOR"), affinity=self.settings.affinity)
         self._owned: dict[AgentKey, str] = {}  # agents this engine launched -> host
         self._heard_from: dict[str, float] = {}  # host -> monotonic time of its last good answer
         self._probes: dict[str, asyncio.Future] = {}  # host -> the Health probe under way
@@ -161,15 +170,19 @@ class AsyncK8sEngine:
         client_properties: dict[str, Any] | None = None,
         default_topic: str = "default_topic",
         restart: RestartPolicy | None = None,
+        placement: PlacementPolicy | None = None,
     ) -> AgentRecord:
         """Starts the agent on one host; returns once it is subscribed, with host and pid.
 
         ``restart`` overrides how a crashed agent is restarted (else ``AgentSpec.qos.retry_count``
         as the restart limit, else RUSTIC_K8S_MAX_RESTARTS, else the host's default).
+        ``placement`` (selector, affinity, wait for capacity) wins over the guild's property
+        ``rustic_k8s_placement`` and the engine's settings (docs/resources.md). The agent goes
+        only to a host that fits ``agent_spec.resources``.
         """
         request = self.build_request(
             guild_spec, agent_spec, messaging_config, machine_id, client_type, client_properties, default_topic,
-            restart=restart,
+            restart=restart, placement=placement,
         )
         return await self.launch(request)
 
@@ -183,6 +196,7 @@ class AsyncK8sEngine:
         client_properties: dict[str, Any] | None = None,
         default_topic: str = "default_topic",
         restart: RestartPolicy | None = None,
+        placement: PlacementPolicy | None = None,
     ) -> LaunchRequest:
         if not isinstance(agent_spec, AgentSpec):
             raise InvalidSpecError(
@@ -201,6 +215,10 @@ class AsyncK8sEngine:
             restart = RestartPolicy(max_restarts=self.settings.max_restarts)
         if restart is not None:
             request = request.model_copy(update={"restart": restart.model_dump()})
+        ResourceRequest.from_agent_spec(request.agent_spec)  # a bad request fails here, before anything is placed
+        policy = resolve_policy(request.guild_spec, request.agent_spec, placement, self.default_placement)
+        if policy.to_dict():
+            request = request.model_copy(update={"placement": policy.to_dict()})
         return request
 
     async def launch(self, request: LaunchRequest) -> AgentRecord:
@@ -234,19 +252,40 @@ class AsyncK8sEngine:
         return await asyncio.gather(*(self.launch(r) for r in requests), return_exceptions=True)
 
     async def _place(self, request: LaunchRequest) -> AgentRecord:
+        """Places the request; when no host fits it (or every host is full), waits for capacity up to
+        the policy's (or the engine's) ``wait_s``, looking again every half second, then raises
+        InsufficientResourcesError (or NoHostAvailableError)."""
+        policy = PlacementPolicy.from_dict(request.placement)
+        wait_s = self.settings.capacity_wait_s if policy.wait_s is None else policy.wait_s
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return await self._place_once(request, policy)
+            except NoHostAvailableError:  # nothing fits, or every host is full: a scale-up may come
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.info("no host fits %s yet; waiting up to %.1f s more for capacity", request.key, left)
+            await asyncio.sleep(min(_CAPACITY_POLL_S, left))  # polling for a scale-up, not a synchronisation
+
+    async def _place_once(self, request: LaunchRequest, policy: PlacementPolicy) -> AgentRecord:
         refusals: list[str] = []
+        short: list[str] = []  # refusals for resources or labels
         tried: set[str] = set()
         hosts: list[HostRecord] = []
+        guild_id = request.key.guild_id
         for attempt in range(2):  # the second pass re-reads discovery after refusals
             hosts = await self._live_hosts(fresh=attempt > 0)
-            order = [h for h in self._order(hosts, request) if h.address not in tried]
+            order = [h for h in await self._order(hosts, request, policy) if h.address not in tried]
             for host in order:
                 tried.add(host.address)
                 self._in_flight[host.address] += 1
+                self._in_flight_guild[(guild_id, host.address)] += 1
                 try:
                     client = self.pool.client(host.address)
                     await self._probe(host.address)
                     record = await client.create_agent(request)
+                    self.note_placed(host.address, record.allocation)
                     self._heard_from[host.address] = time.monotonic()
                     self.metrics.placements.labels(host.address).inc()
                     return record
@@ -256,12 +295,25 @@ class AsyncK8sEngine:
                     # exclusive claim refuses it if the first attempt did start it.
                     # Full or draining or gone: the request did not run there; next host.
                     refusals.append(str(exc))
+                    if isinstance(exc, InsufficientResourcesError):
+                        short.append(str(exc))
                     self.metrics.retries.labels(type(exc).__name__).inc()
                     self._hosts.invalidate()
                 finally:
                     self._in_flight[host.address] -= 1
+                    self._in_flight_guild[(guild_id, host.address)] -= 1
+                    if self._in_flight_guild[(guild_id, host.address)] <= 0:
+                        del self._in_flight_guild[(guild_id, host.address)]
             if not order and attempt == 0:
                 continue
+        if short and len(short) == len(refusals):
+            raise InsufficientResourcesError(f"no host fits agent {request.key}: " + "; ".join(short))
+        if not refusals and any(h.accepts_agents for h in hosts):
+            # Hosts with room exist, but none fits the resources, selector or affinity.
+            why = explain_no_fit(hosts, request)
+            if policy.affinity.startswith("strict_") and not why.startswith("needs"):
+                why = f"affinity {policy.affinity} leaves no host; {why}"
+            raise InsufficientResourcesError(f"no host fits agent {request.key}: {why}")
         if refusals:
             detail = "; ".join(refusals)
         elif hosts:
@@ -271,6 +323,12 @@ class AsyncK8sEngine:
         else:
             detail = f"no live host found by {self.settings.discovery} discovery"
         raise NoHostAvailableError(f"no host accepted agent {request.key}: {detail}")
+
+    def note_placed(self, address: str, allocation: str) -> None:
+        """Counts a placement into the cached host listing until it is read again, so the next
+        launches see it (least-loaded spreads, bin-packing fills) instead of the last listing's loads."""
+        granted = Allocation.from_json(allocation)
+        self._hosts.adjust(address, lambda h: dataclasses.replace(h, agents=h.agents + 1, usage=h.usage.plus(granted)))
 
     async def _probe(self, address: str) -> None:
         """A cheap Health call before launching on a host not heard from lately, so a frozen
@@ -289,13 +347,23 @@ class AsyncK8sEngine:
         await asyncio.shield(probe)
         self._heard_from[address] = time.monotonic()
 
-    def _order(self, hosts: list[HostRecord], request: LaunchRequest) -> list[HostRecord]:
+    async def _order(self, hosts: list[HostRecord], request: LaunchRequest,
+                     policy: PlacementPolicy) -> list[HostRecord]:
         # Count launches under way so a burst spreads before hosts report the new load.
-        adjusted = [
-            HostRecord(h.address, h.name, h.capacity, h.agents + self._in_flight[h.address], h.state, h.version)
-            for h in hosts
-        ]
-        return self.placement.order(adjusted, request)
+        in_flight = self._in_flight
+        adjusted = [dataclasses.replace(h, agents=h.agents + in_flight[h.address]) if in_flight.get(h.address) else h
+                    for h in hosts]
+        order = self.placement.order(adjusted, request)
+        if policy.affinity == "none" or not order:
+            return order
+        guild_id = request.key.guild_id
+        guild_load: collections.Counter[str] = collections.Counter(
+            r.host for r in await self.registry.list_guild(guild_id)
+            if r.is_live and r.agent_id != request.key.agent_id)
+        for (g, address), n in self._in_flight_guild.items():
+            if g == guild_id:
+                guild_load[address] += n
+        return with_affinity(order, policy.affinity, guild_load)
 
     async def _live_hosts(self, fresh: bool = False) -> list[HostRecord]:
         changed = getattr(self.discovery, "changed", None)  # watch-based sources signal changes

@@ -40,7 +40,8 @@ class K8sExecutionEngine(ExecutionEngine):
         super().__init__(guild_id=guild_id, organization_id=organization_id)
         self.settings = settings or EngineSettings.from_env()
         self._call_s = self.settings.call_timeout_s * 3 + _MARGIN_S
-        self._launch_s = self.settings.launch_timeout_s * 2 + self.settings.call_timeout_s + _MARGIN_S
+        self._launch_s = (self.settings.launch_timeout_s * 2 + self.settings.call_timeout_s + _MARGIN_S
+                          + self.settings.capacity_wait_s)  # a launch may wait that long for a host that fits
         self.engine = shared_engine(self.settings, organization_id, self._call_s)
         self._owned: set[AgentKey] = set()  # launched by this facade: its shutdown stops them
         self._closed = False

@@ -42,10 +42,12 @@ from ..base.errors import (
     AgentNotFoundError,
     HostFullError,
     HostUnavailableError,
+    InsufficientResourcesError,
     RegistryUnavailableError,
 )
 from ..base.logfields import agent_log_fields, set_host_field
 from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from ..base.resources import Allocation, HostInventory, PlacementPolicy, selector_matches, total_usage
 from ..base.restart import RestartPolicy
 from ..base.settings import HostSettings
 from ..base.specs import summarize_launch
@@ -55,6 +57,7 @@ from ..protocol import ChannelPool, GrpcHostServer
 from ..protocol.tls import ReloadingChannelCredentials, server_credentials
 from ..registry import HeartbeatResult, LocationRegistry
 from .address import advertised_address
+from .inventory import read_inventory
 from .lease import Lease
 from .metrics import AgentView, HostMetrics, HostView, MetricsServer
 from .reconciler import Reconciler
@@ -74,6 +77,8 @@ class AgentHost:
         self.state = HostState.STARTING
         self.address = ""
         self.started_at = time.time()
+        self.inventory = HostInventory()  # read in start() (inventory.py)
+        self.labels = settings.label_map()
         self.registry = LocationRegistry.from_settings(
             settings,
             agent_ttl_s=settings.agent_ttl_s,
@@ -145,6 +150,7 @@ class AgentHost:
             finished=self._finished_supervisor,
             serving=lambda: self.state == HostState.SERVING,
             on_event=self._count,
+            inventory=lambda: self.inventory,
         )
         self.agents: dict[AgentKey, AgentSupervisor] = {}  # THE table of what runs here
         self._finished: collections.OrderedDict[AgentKey, AgentRecord] = collections.OrderedDict()
@@ -173,6 +179,7 @@ class AgentHost:
                      "the client CA may launch, stop and read every agent")
         else:
             log.info("authorization policy %s: %s", self.policy.path, describe_rules(self.policy.current().rules))
+        self.inventory = await read_inventory(self.settings)
         await self.registry.start()
         if self.metrics_server is not None:
             await self.metrics_server.start()
@@ -277,6 +284,13 @@ class AgentHost:
             raise AgentAlreadyExistsError(f"agent {key} is already running on host {self.address}")
         if len(self.agents) >= self.settings.capacity:
             raise HostFullError(f"host {self.address} is full ({self.settings.capacity} agents)")
+        # The selector travels with the request (and its desired state): adopters honour it too.
+        # Resources are the registry claim's to decide (supervisor.py), atomically.
+        selector = PlacementPolicy.from_dict(request.placement).selector
+        if not selector_matches(selector, self.labels):
+            raise InsufficientResourcesError(
+                f"host {self.address} cannot fit agent {key}: its labels {self.labels or '{}'} do not match the "
+                f"selector {dict(selector)}")
         record = AgentRecord(
             guild_id=key.guild_id,
             agent_id=key.agent_id,
@@ -340,6 +354,9 @@ class AgentHost:
             state=self.state,
             version=VERSION,
             started_at=self.started_at,
+            inventory=self.inventory,
+            usage=total_usage([Allocation.from_json(s.allocation) for s in self.agents.values() if s.allocation]),
+            labels=dict(self.labels),
         )
 
     async def grant_hold(self, requester: str, lease_expires_ms: int = 0) -> float:
@@ -446,9 +463,11 @@ class AgentHost:
         agents += [AgentView(r.guild_id, r.agent_id, str(r.state)) for k, r in self._finished.items()
                    if k not in self.agents]
         last_ok = self.lease.last_ok
+        health = self.health()
         return HostView(agents=agents, capacity=self.settings.capacity, draining=self.state == HostState.DRAINING,
                         heartbeat_lag_s=None if last_ok is None else time.monotonic() - last_ok,
-                        memory_limit_bytes=self.settings.agent_memory_mb * MIB)
+                        memory_limit_bytes=self.settings.agent_memory_mb * MIB,
+                        inventory=health.inventory, usage=health.usage)
 
     def _new_process_manager(self, env: dict[str, str] | None = None) -> AgentProcessManager:
         # Agents enforce the same module allow-list as the host (base/allowlist.py).

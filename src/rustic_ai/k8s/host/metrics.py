@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from ..base import errors as e
 from ..base.models import AgentState
+from ..base.resources import MILLI, HostInventory, Usage
 from .procstat import cpu_seconds, rss_bytes
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class HostView:
     draining: bool
     heartbeat_lag_s: float | None  # None: never renewed yet
     memory_limit_bytes: int = 0
+    inventory: HostInventory = dataclasses.field(default_factory=HostInventory)
+    usage: Usage = dataclasses.field(default_factory=Usage)
 
 
 class _LiveCollector(Collector):
@@ -101,6 +104,7 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(PREFIX + "agent_memory_limit_bytes",
                                 "Per-agent RSS limit (0 = none).", value=view.memory_limit_bytes)
+        yield from _resource_metrics(view.inventory, view.usage)
         rss = GaugeMetricFamily(PREFIX + "agent_resident_memory_bytes", "Resident memory of each running agent.",
                                 labels=["guild_id", "agent_id"])
         cpu = CounterMetricFamily(PREFIX + "agent_cpu_seconds", "CPU time (user + system) of each running agent.",
@@ -115,6 +119,24 @@ class _LiveCollector(Collector):
                 cpu.add_metric([a.guild_id, a.agent_id], c)
         yield rss
         yield cpu
+
+
+def _resource_metrics(inv: HostInventory, used: Usage) -> Iterable:
+    """Totals and amounts in use per resource (cpu and gpu in units, memory in MiB), and per GPU device."""
+    total = GaugeMetricFamily(PREFIX + "resource_capacity", "Resources this host offers agents (cpu, gpu: units; "
+                              "memory_mb; custom:<name>).", labels=["resource"])
+    in_use = GaugeMetricFamily(PREFIX + "resource_used", "Resources its agents hold (same units).", labels=["resource"])
+    rows = [("cpu", inv.cpu / MILLI, used.cpu / MILLI), ("memory_mb", inv.mem, used.mem),
+            ("gpu", len(inv.gpus), sum(used.gpus.values()) / MILLI)]
+    rows += [(f"custom:{k}", v / MILLI, used.custom.get(k, 0) / MILLI) for k, v in sorted(inv.custom.items())]
+    for name, t, u in rows:
+        total.add_metric([name], t)
+        in_use.add_metric([name], u)
+    device = GaugeMetricFamily(PREFIX + "gpu_used", "Share of each GPU device its agents hold (0-1).",
+                               labels=["device"])
+    for d in inv.gpus:
+        device.add_metric([d], used.gpus.get(d, 0) / MILLI)
+    return [total, in_use, device]
 
 
 class HostMetrics:

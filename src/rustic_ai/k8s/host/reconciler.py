@@ -28,7 +28,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from ..base.errors import AgentAlreadyExistsError, PermanentError, RegistryUnavailableError, TemporaryError
+from ..base.errors import (
+    AgentAlreadyExistsError,
+    InsufficientResourcesError,
+    PermanentError,
+    RegistryUnavailableError,
+    TemporaryError,
+)
 from ..base.models import AgentKey, LaunchRequest
 from ..registry import LocationRegistry
 from .lease import Lease
@@ -64,6 +70,7 @@ class Reconciler:
         self._reap_done = asyncio.Event()
         self._reap_done.set()
         self.adopted = 0
+        self._reported: set[AgentKey] = set()  # orphans this host said it cannot fit (logged once each)
 
     async def run(self) -> None:
         """Two loops: reaping must go on while an adoption waits for a slow agent to start."""
@@ -141,9 +148,21 @@ class Reconciler:
                 await self._adopt(request)
                 adopted = 1
                 self.adopted += 1
+                self._reported.discard(key)
                 log.info("adopted orphan %s", key)
         except AgentAlreadyExistsError:
             pass  # running elsewhere, or no longer wanted (the claim checks both atomically)
+        except InsufficientResourcesError as exc:
+            # Adopted only where it fits; meanwhile it stays queued for the others, and is
+            # reported (registry p:unplaced, `rustic-k8s unplaced`) rather than dropped.
+            if key not in self._reported:
+                self._reported.add(key)
+                log.warning("cannot adopt %s here (%s); queued for other hosts", key, exc)
+            try:
+                await self._registry.report_unplaced(key, str(exc), self._address())
+                await self._registry.push_orphans([key])
+            except RegistryUnavailableError:
+                return 0
         except TemporaryError as exc:
             log.warning("could not adopt %s now (%s); queued again", key, exc)
             try:

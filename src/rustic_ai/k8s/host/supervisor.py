@@ -41,16 +41,18 @@ from ..base.errors import (
     AgentAlreadyExistsError,
     GuildLimitError,
     HostUnavailableError,
+    InsufficientResourcesError,
     RegistryUnavailableError,
     RusticK8sError,
 )
 from ..base.logfields import agent_log_fields
 from ..base.models import AgentKey, AgentRecord, AgentState, LaunchRequest
+from ..base.resources import Allocation, HostInventory, ResourceRequest, describe_short, device_env
 from ..base.restart import RestartPolicy, RestartTracker
 from ..base.settings import HostSettings
 from ..process import AgentProcess, AgentProcessManager
 from ..process.control import EXIT_FENCED
-from ..registry import LocationRegistry
+from ..registry import ClaimResult, LocationRegistry
 from .lease import Lease
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class SupervisorContext:
     finished: Callable[[AgentSupervisor], None]  # leaves the host's table (called once, by the supervisor)
     serving: Callable[[], bool]
     on_event: Callable[[str], None] = lambda _what: None  # metrics: "stop", "restart", "crash:exit", ...
+    inventory: Callable[[], HostInventory] = HostInventory  # what the host offers (device ids for the env)
 
 
 class _Stop:
@@ -89,6 +92,10 @@ class AgentSupervisor:
         self.record = record
         self.tracker = RestartTracker(policy)
         self.adopting = adopting  # launched from the orphan queue or a fence: only if still desired
+        # What the agent asks for, and what the registry's claim granted it here (kept for every
+        # later claim of this supervisor: a restart or a re-registration keeps the same devices).
+        self.need = ResourceRequest.from_agent_spec(request.agent_spec).to_json()
+        self.allocation = ""
         self.proc: AgentProcess | None = None
         self.claimed = False  # its record is in Redis under this host (the lease renews its TTL)
         self.settling = False  # ended; removing or handing off its record (the lease no longer renews it)
@@ -269,8 +276,11 @@ class AgentSupervisor:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             with agent_log_fields(self.key.guild_id, self.key.agent_id):
-                return await self.ctx.processes().launch(request.model_copy(update={"trace_context": carrier}),
-                                                         self.ctx.lease.deadline())
+                # The agent sees the GPUs it was granted, and none when it asked for none.
+                env = device_env(Allocation.from_json(self.allocation), self.ctx.inventory())
+                return await self.ctx.processes().launch(
+                    request.model_copy(update={"trace_context": carrier, "device_env": env}),
+                    self.ctx.lease.deadline())
 
     async def _claim(self) -> None:
         settings = self.ctx.settings
@@ -282,26 +292,55 @@ class AgentSupervisor:
         # Claim before launching: a concurrent launch of the same agent on another host loses
         # here instead of producing a second live copy. An adoption also needs the engine to
         # still want the agent, checked in the same atomic step (a stop racing it wins).
-        claim = await self.ctx.registry.claim_agent(self.record, require_desired=self.adopting)
+        # Resources are deducted in the same step (two engines cannot overcommit this host).
+        claim = await self.ctx.registry.claim_agent(self.record, require_desired=self.adopting, need=self.need)
         if not claim.ok:
+            if claim.short is not None:
+                raise InsufficientResourcesError(
+                    f"host {self.ctx.address()} cannot fit agent {self.key}: {describe_short(*claim.short)}")
             if claim.owner:
                 raise AgentAlreadyExistsError(f"agent {self.key} is already running on host {claim.owner}")
             raise AgentAlreadyExistsError(f"agent {self.key} is no longer wanted (stopped meanwhile)")
+        self._granted(claim.allocation)
         self.claimed = True
+
+    def _granted(self, allocation: str) -> None:
+        self.allocation = allocation
+        self.record.allocation = allocation
+
+    def _claim_kw(self, *, force: bool = False) -> dict[str, Any]:
+        """A later claim of the same agent here: what it asks for, and what it held (kept if it
+        still fits; ``force``: as it is, for a process that runs with it)."""
+        return {"need": self.need, "previous": self.allocation, "force": force}
+
+    def _no_room(self, claim: ClaimResult) -> bool:
+        """A restart or take-back here that no longer fits: queue the agent for a host that fits."""
+        if claim.short is None:
+            return False
+        why = describe_short(*claim.short)
+        log.warning("agent %s no longer fits host %s (%s); queued for other hosts", self.key, self.ctx.address(), why)
+        if self._stop is None:  # a stop asked for meanwhile stands (the agent is no longer wanted)
+            self._stop = _Stop(f"no longer fits this host ({why}); queued for any host", 0.0, hand_off=True,
+                               lost=False)
+            self._stop_requested.set()
+        return True
 
     async def _claim_again(self) -> bool:
         """Before a restart: the agent may have been reaped and adopted while it waited out its
         backoff (this host paused or cut off meanwhile). Only an exclusive claim says it is ours."""
         record = dataclasses.replace(self.snapshot(), state=AgentState.STARTING)
         try:
-            claim = await asyncio.wait_for(self.ctx.registry.claim_agent(record), REGISTRY_STEP_S)
+            claim = await asyncio.wait_for(self.ctx.registry.claim_agent(record, **self._claim_kw()), REGISTRY_STEP_S)
         except (RegistryUnavailableError, TimeoutError) as exc:
             self.record.output = [f"restart failed: cannot claim the agent: {exc}"]
             return False
         if not claim.ok:
+            if self._no_room(claim):
+                return False
             log.info("not restarting %s: %s owns it now", self.key, claim.owner)
             self.request_stop(f"another host ({claim.owner}) owns this agent now", 0.0, lost=True)
             return False
+        self._granted(claim.allocation)
         return True
 
     async def _watch(self, proc: AgentProcess) -> str:
@@ -405,10 +444,13 @@ class AgentSupervisor:
                 await self.ctx.registry.set_desired_if_missing(self.request)
             record.state = AgentState.STARTING
             claim = await asyncio.wait_for(
-                self.ctx.registry.claim_agent(record, require_desired=existing is not None), REGISTRY_STEP_S)
+                self.ctx.registry.claim_agent(record, require_desired=existing is not None, **self._claim_kw()),
+                REGISTRY_STEP_S)
         except (RegistryUnavailableError, TimeoutError) as exc:
             log.warning("could not take %s back after fencing: %s; queued for any host", self.key, exc)
             self._stop = _Stop("fenced; queued for any host", 0.0, hand_off=True, lost=False)
+            return False
+        if not claim.ok and self._no_room(claim):
             return False
         if not claim.ok:
             why = f"another host ({claim.owner}) owns it now" if claim.owner else "no longer wanted"
@@ -416,12 +458,14 @@ class AgentSupervisor:
             # Another owner's record is theirs; an unwanted agent's record is ours to remove.
             self._stop = _Stop(f"fenced; {why}", 0.0, hand_off=False, lost=bool(claim.owner))
             return False
+        self._granted(claim.allocation)
         self.claimed = True
         return True
 
     async def _reregister(self) -> None:
         try:
-            claim = await asyncio.wait_for(self.ctx.registry.claim_agent(self.snapshot()), REGISTRY_STEP_S)
+            claim = await asyncio.wait_for(
+                self.ctx.registry.claim_agent(self.snapshot(), **self._claim_kw(force=True)), REGISTRY_STEP_S)
             if not claim.ok:
                 self.lose()
                 return

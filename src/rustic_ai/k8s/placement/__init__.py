@@ -1,9 +1,19 @@
 """Which host gets the next agent (strategies) and which hosts exist (discovery)."""
 
 from .discovery import CachedHosts, Discovery, RegistryDiscovery, StaticDiscovery, merge_with_registry
-from .strategies import LeastLoaded, PlacementStrategy, RoundRobin, candidates, strategy_named
+from .fit import explain_no_fit, fitting, shortfall
+from .strategies import (
+    BinPacking,
+    LeastLoaded,
+    PlacementStrategy,
+    RoundRobin,
+    candidates,
+    strategy_named,
+    with_affinity,
+)
 
 __all__ = [
+    "BinPacking",
     "CachedHosts",
     "Discovery",
     "LeastLoaded",
@@ -12,6 +22,10 @@ __all__ = [
     "RoundRobin",
     "StaticDiscovery",
     "candidates",
+    "explain_no_fit",
+    "fitting",
     "merge_with_registry",
+    "shortfall",
     "strategy_named",
+    "with_affinity",
 ]

@@ -9,6 +9,7 @@ always sees load and draining state where the registry has them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from ..base.models import HostRecord
@@ -74,6 +75,17 @@ class CachedHosts:
 
     def put(self, hosts: list[HostRecord]) -> None:
         self._hosts, self._at = hosts, time.monotonic()
+
+    def adjust(self, address: str, change: Callable[[HostRecord], HostRecord]) -> None:
+        """Replaces one host of the cached listing by ``change(host)`` (an engine counting its own
+        placements in until the listing is read again)."""
+        hosts = self._hosts
+        if hosts is None:
+            return
+        for i, h in enumerate(hosts):
+            if h.address == address:
+                self._hosts = [*hosts[:i], change(h), *hosts[i + 1:]]
+                return
 
     def invalidate(self) -> None:
         self._hosts = None

@@ -53,6 +53,7 @@ from ..base.allowlist import ModuleAllowList
 from ..base.envrefs import resolve_references
 from ..base.errors import ForbiddenModuleError, InvalidSpecError
 from ..base.models import LaunchRequest
+from ..base.resources import DEVICE_ENV
 from ..base.specs import ParsedLaunch, parse_launch
 from . import redis_delivery
 from .fence import LeaseFence
@@ -199,6 +200,7 @@ def run(raw: bytes, control_fd: int, lease_fd: int, *, ready_extra: dict[str, An
     fence = LeaseFence(lease_fd, on_stop=stop.set)
     fence.arm()
 
+    _apply_device_env(raw)  # before anything imports agent code (CUDA reads it once, at its first use)
     try:
         parsed, client_type = prepare(raw)
     except ForbiddenModuleError as exc:
@@ -252,6 +254,25 @@ def run(raw: bytes, control_fd: int, lease_fd: int, *, ready_extra: dict[str, An
         log.exception("agent %s did not shut down cleanly", request.key)
     log.info("agent %s stopped", request.key)
     return EXIT_FENCED if fence.fired else EXIT_OK
+
+
+def _apply_device_env(raw: bytes) -> None:
+    """CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES as the host granted them (base/resources.device_env).
+
+    Only those two variables: the request is not a way to set anything else in an agent's
+    environment. An agent that was granted no GPU gets both set to "none visible", so it cannot
+    pick up the devices its host (the pod) was given.
+    """
+    try:
+        env = json.loads(raw).get("device_env") or {}
+    except (ValueError, AttributeError):
+        return  # a bad request is reported by prepare()
+    if not isinstance(env, dict):
+        return
+    for name in DEVICE_ENV:
+        value = env.get(name)
+        if isinstance(value, str):
+            os.environ[name] = value
 
 
 def _report(control_fd: int, event: dict[str, Any]) -> bool:

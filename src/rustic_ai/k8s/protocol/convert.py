@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..base.models import AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from ..base.resources import HostInventory, Usage
 from .v1 import agent_host_pb2 as pb
 
 _AGENT_STATE_TO_PB = {
@@ -40,6 +41,7 @@ def agent_to_pb(r: AgentRecord) -> pb.AgentInfo:
         restarts=r.restarts,
         reason=r.reason,
         output=r.output,
+        allocation_json=r.allocation.encode(),
     )
 
 
@@ -58,6 +60,7 @@ def agent_from_pb(m: pb.AgentInfo) -> AgentRecord:
         reason=m.reason,
         exit_code=m.exit_code if m.has_exit_code else None,
         output=list(m.output),
+        allocation=m.allocation_json.decode(errors="replace"),
     )
 
 
@@ -70,7 +73,19 @@ def host_to_pb(h: HostRecord) -> pb.HealthResponse:
         state=_HOST_STATE_TO_PB[h.state],
         version=h.version,
         started_at=h.started_at,
+        inventory_json=h.inventory.to_json().encode(),
+        usage_json=json.dumps({"cpu": h.usage.cpu, "mem": h.usage.mem, "gpu": dict(h.usage.gpus),
+                               "custom": dict(h.usage.custom)}).encode(),
+        labels_json=json.dumps(h.labels).encode(),
     )
+
+
+def _labels(raw: bytes) -> dict[str, str]:
+    try:
+        d = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in d.items()} if isinstance(d, dict) else {}
 
 
 def host_from_pb(m: pb.HealthResponse) -> HostRecord:
@@ -82,6 +97,9 @@ def host_from_pb(m: pb.HealthResponse) -> HostRecord:
         state=_HOST_STATE_FROM_PB.get(m.state, HostState.STARTING),
         version=m.version,
         started_at=m.started_at,
+        inventory=HostInventory.from_json(m.inventory_json.decode(errors="replace")),
+        usage=Usage.from_json(m.usage_json.decode(errors="replace")),
+        labels=_labels(m.labels_json),
     )
 
 
@@ -97,4 +115,5 @@ def launch_to_pb(request: LaunchRequest) -> pb.CreateAgentRequest:
         organization_id=request.organization_id,
         default_topic=request.default_topic,
         restart_policy_json=json.dumps(request.restart).encode() if request.restart else b"",
+        placement_json=json.dumps(request.placement).encode() if request.placement else b"",
     )

@@ -119,6 +119,7 @@ class _Servicer(pb_grpc.AgentHostServiceServicer):
                 organization_id=request.organization_id,
                 default_topic=request.default_topic,
                 restart_policy_json=request.restart_policy_json,
+                placement_json=request.placement_json,
                 trace_context=_trace_context(context),
             )
         except (RusticK8sError, Exception) as exc:  # noqa: BLE001 - every failure becomes a status

@@ -16,6 +16,7 @@ ERROR_TO_CODE: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),  # told apart by ERROR_CLASS_KEY
     (e.AgentNotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.AgentAlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (e.InsufficientResourcesError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.HostFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.HostUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.RegistryUnavailableError, grpc.StatusCode.UNAVAILABLE),

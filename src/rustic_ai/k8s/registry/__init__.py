@@ -1,6 +1,7 @@
 """The only package that imports redis: the location registry and its key layout."""
 
 from .keys import Keys
-from .registry import NOT_DESIRED, OWNED_ELSEWHERE, ClaimResult, HeartbeatResult, LocationRegistry
+from .registry import NOT_DESIRED, OWNED_ELSEWHERE, SHORT, ClaimResult, HeartbeatResult, LocationRegistry, Unplaced
 
-__all__ = ["NOT_DESIRED", "OWNED_ELSEWHERE", "ClaimResult", "HeartbeatResult", "Keys", "LocationRegistry"]
+__all__ = ["NOT_DESIRED", "OWNED_ELSEWHERE", "SHORT", "ClaimResult", "HeartbeatResult", "Keys", "LocationRegistry",
+           "Unplaced"]

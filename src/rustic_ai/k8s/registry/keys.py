@@ -10,10 +10,19 @@ cannot make two keys collide):
     p:host:{addr}                HASH  HostRecord; TTL = host lease
     p:host:{addr}:agents         SET   "guild\\x1fagent" members placed on that host (load = SCARD)
     p:host:{addr}:adopting       LIST  orphans that host has taken off p:orphans and not yet acked
+    p:host:{addr}:alloc          HASH  "guild\x1fagent" -> allocation JSON of each agent holding resources there
+                                       (base/resources.py; the host's usage is its sum, see scripts._ALLOC_LUA)
     p:agent:{guild}:{agent}      HASH  AgentRecord with the full AgentSpec JSON; TTL = agent TTL
     p:guild:{guild}:agents       SET   agent ids of the guild (membership without SCAN)
     p:desired:{guild}            HASH  agent id -> LaunchRequest JSON the engine wants running
     p:orphans                    LIST  "guild\x1fagent" members to place again (dead or draining host)
+    p:unplaced                   HASH  "guild\x1fagent" -> JSON {reason, host, at}: a wanted agent no host could
+                                       fit when it was to be placed again; cleared by its claim or its stop
+
+The host hash also carries ``inventory`` (HostInventory JSON: CPUs, memory, GPU devices,
+custom resources), ``labels`` (JSON object) and ``used`` (the cached sum of its alloc hash);
+an agent hash carries ``alloc`` (its allocation JSON) and ``host_alloc`` (the alloc hash it
+is counted in).
 
 The orphan queue is a reliable queue: a pop moves members from p:orphans into the popping
 host's p:host:{addr}:adopting list in the same script, and only an ack (or a requeue, back
@@ -55,6 +64,14 @@ class Keys:
 
     def host_agents(self, address: str) -> str:
         return f"{self.prefix}:host:{_enc(address)}:agents"
+
+    def host_alloc(self, address: str) -> str:
+        """Must stay ``host(address) + ":alloc"``: scripts derive it from the host hash's name."""
+        return f"{self.host(address)}:alloc"
+
+    @property
+    def unplaced(self) -> str:
+        return f"{self.prefix}:unplaced"
 
     def host_adopting(self, address: str) -> str:
         return f"{self.prefix}:host:{_enc(address)}:adopting"

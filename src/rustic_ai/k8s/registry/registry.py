@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from redis.backoff import ExponentialBackoff
 from ..base.errors import RegistryUnavailableError
 from ..base.redact import redact_text, redact_url, url_password
 from ..base.models import AgentKey, AgentRecord, AgentState, HostRecord, HostState, LaunchRequest
+from ..base.resources import HostInventory, Usage
 from . import scripts
 from .keys import Keys
 
@@ -45,13 +47,26 @@ class HeartbeatResult:
 
 NOT_DESIRED = "not desired"
 OWNED_ELSEWHERE = "owned by another live host"
+SHORT = "does not fit"
 
 
 @dataclasses.dataclass(frozen=True)
 class ClaimResult:
     ok: bool
     owner: str = ""  # the host that owns the agent, when refused for that
-    reason: str = ""  # why not ok: OWNED_ELSEWHERE or NOT_DESIRED
+    reason: str = ""  # why not ok: OWNED_ELSEWHERE, NOT_DESIRED or SHORT
+    allocation: str = ""  # ok: what the agent holds on the host (Allocation JSON; "" = a slot only)
+    short: tuple[str, int, int] | None = None  # SHORT: (resource, needed, largest free), resources.py units
+
+
+@dataclasses.dataclass(frozen=True)
+class Unplaced:
+    """A wanted agent that no host could fit when it was to be placed again."""
+
+    key: AgentKey
+    reason: str
+    host: str  # the last host that tried
+    at: float  # unix seconds
 
 
 def _record_fields(record: AgentRecord) -> list[str]:
@@ -68,7 +83,7 @@ def _record_fields(record: AgentRecord) -> list[str]:
         "restarts": str(record.restarts),
         "reason": record.reason,
         "exit_code": "" if record.exit_code is None else str(record.exit_code),
-    }
+    }  # "alloc" is written by the claim script itself
     return [item for pair in fields.items() for item in pair]
 
 
@@ -88,6 +103,7 @@ def _record_from_hash(h: dict[str, str]) -> AgentRecord:
         reason=h.get("reason", ""),
         exit_code=int(exit_code) if exit_code else None,
         host_alive=h.get("_host_alive", "1") == "1",
+        allocation=h.get("alloc", ""),
     )
 
 
@@ -178,6 +194,7 @@ class LocationRegistry:
         self._remove_host = r.register_script(scripts.REMOVE_HOST)
         self._hand_off = r.register_script(scripts.HAND_OFF_AGENT)
         self._set_host_state = r.register_script(scripts.SET_HOST_STATE)
+        self._report_unplaced = r.register_script(scripts.REPORT_UNPLACED)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -221,7 +238,8 @@ class LocationRegistry:
     # -- agents: written by hosts --------------------------------------------------------
 
     async def claim_agent(self, record: AgentRecord, *, exclusive: bool = True,
-                          require_desired: bool = False) -> ClaimResult:
+                          require_desired: bool = False, need: str = "", previous: str = "",
+                          force: bool = False) -> ClaimResult:
         """Registers (or re-registers) an agent on ``record.host`` atomically.
 
         Moving an agent between hosts removes it from the old host's set in the same
@@ -231,19 +249,30 @@ class LocationRegistry:
         (``ClaimResult(False, "", NOT_DESIRED)``), checked in the same script: adopters pass
         it, so a stop (which clears desired state first) cannot be undone by an adopter that
         read the desired state before the stop.
+
+        ``need`` (a ResourceRequest's JSON) is deducted from what ``record.host`` has left in
+        the same script, or the claim is refused (``ClaimResult(False, reason=SHORT, short=
+        (resource, needed, largest free))``, nothing changed). ``previous`` (the Allocation
+        JSON the agent held here) is kept if it still fits beside the others — a restart keeps
+        its devices — else a new one is chosen; with ``force`` it is taken as it is (a host
+        re-registering an agent whose process runs on those devices). The result's
+        ``allocation`` says what the agent holds.
         """
         k = self.keys
         async with self._guard("claim_agent"):
             res = await self._claim(
                 keys=[k.agent(record.key), k.guild_agents(record.guild_id), k.host_agents(record.host),
-                      k.host(record.host), k.desired(record.guild_id)],
+                      k.host(record.host), k.desired(record.guild_id), k.host_alloc(record.host), k.unplaced],
                 args=[self.agent_ttl_ms, k.member(record.key), record.agent_id, record.host, "1" if exclusive else "0",
-                      "1" if require_desired else "0", *_record_fields(record)],
+                      "1" if require_desired else "0", need, previous, "1" if force else "0",
+                      *_record_fields(record)],
             )
         if res[0] == "ok":
-            return ClaimResult(True)
+            return ClaimResult(True, allocation=res[1] if len(res) > 1 else "")
         if res[0] == "not_desired":
             return ClaimResult(False, "", NOT_DESIRED)
+        if res[0] == "short":
+            return ClaimResult(False, "", SHORT, short=(str(res[1]), int(float(res[2])), int(float(res[3]))))
         return ClaimResult(False, res[1], OWNED_ELSEWHERE)
 
     async def update_agent(self, key: AgentKey, host: str, **fields: Any) -> bool:
@@ -254,7 +283,7 @@ class LocationRegistry:
                 value = "" if value is None else str(value)
             flat += [name, str(value)]
         async with self._guard("update_agent"):
-            return bool(await self._update(keys=[self.keys.agent(key)], args=[host, *flat]))
+            return bool(await self._update(keys=[self.keys.agent(key)], args=[host, Keys.member(key), *flat]))
 
     async def remove_agent(self, key: AgentKey, host: str = "", *, pid: int = 0) -> bool:
         """Deletes an agent's entry, unless another host than ``host`` owns it now, or (``pid`` given)
@@ -307,6 +336,8 @@ class LocationRegistry:
             "version": host.version,
             "started_at": repr(host.started_at),
             "renewed_at": repr(time.time()),
+            "inventory": host.inventory.to_json(),
+            "labels": json.dumps(host.labels, sort_keys=True),
         }
         flat = [item for pair in fields.items() for item in pair]
         async with self._guard("heartbeat"):
@@ -371,6 +402,9 @@ class LocationRegistry:
                     state=HostState(h.get("state") or HostState.SERVING),
                     version=h.get("version", ""),
                     started_at=float(h.get("started_at") or 0.0),
+                    inventory=_inventory(h.get("inventory", "")),
+                    usage=Usage.from_json(h.get("used", "")),
+                    labels=dict(_labels(h.get("labels", ""))),
                 )
             )
         return sorted(hosts, key=lambda h: h.address)
@@ -412,8 +446,36 @@ class LocationRegistry:
             await self.redis.hset(self.keys.desired(key.guild_id), key.agent_id, request.model_dump_json())
 
     async def clear_desired(self, key: AgentKey) -> None:
-        async with self._guard("clear_desired"):
-            await self.redis.hdel(self.keys.desired(key.guild_id), key.agent_id)
+        """Also forgets that the agent could not be placed (it is no longer wanted)."""
+        async with self._guard("clear_desired"), self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.desired(key.guild_id), key.agent_id)
+            pipe.hdel(self.keys.unplaced, Keys.member(key))
+            await pipe.execute()
+
+    # -- agents nobody could fit -------------------------------------------------------------
+
+    async def report_unplaced(self, key: AgentKey, reason: str, host: str) -> bool:
+        """Records that ``host`` could not fit a wanted agent; its next claim anywhere clears it.
+
+        Not recorded (False) when the agent is no longer wanted or runs somewhere by now."""
+        entry = json.dumps({"reason": reason, "host": host, "at": time.time()})
+        k = self.keys
+        async with self._guard("report_unplaced"):
+            return bool(await self._report_unplaced(keys=[k.agent(key), k.unplaced, k.desired(key.guild_id)],
+                                                    args=[Keys.member(key), key.agent_id, entry]))
+
+    async def list_unplaced(self) -> list[Unplaced]:
+        async with self._guard("list_unplaced"):
+            raw = await self.redis.hgetall(self.keys.unplaced)
+        out = []
+        for member, text in raw.items():
+            try:
+                d = json.loads(text)
+            except ValueError:
+                d = {}
+            out.append(Unplaced(Keys.parse_member(member), str(d.get("reason", "")), str(d.get("host", "")),
+                                float(d.get("at") or 0.0)))
+        return sorted(out, key=lambda u: u.key)
 
     async def set_desired_if_missing(self, request: LaunchRequest) -> bool:
         """Restores a desired-state entry (after Redis lost it) without overwriting a newer one."""
@@ -528,6 +590,21 @@ class LocationRegistry:
             except ValueError:
                 log.warning("desired state of %s/%s is not a valid launch request; ignored", guild_id, agent_id)
         return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _inventory(text: str) -> HostInventory:
+    # A host's inventory is the same text on every renewal: parse each once (frozen, shared).
+    return HostInventory.from_json(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _labels(text: str) -> dict[str, str]:
+    try:
+        d = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in d.items()} if isinstance(d, dict) else {}
 
 
 def spec_summary(spec_json: str) -> tuple[str, str]:

@@ -5,15 +5,145 @@ previous owner, which they read from the agent hash (field ``host_set``) — so 
 layout is for a single Redis (or one hash slot), not Redis Cluster.
 """
 
-# KEYS: agent hash, guild set, new host-agents set, new host hash, guild's desired-state hash
+
+# Resource accounting (base/resources.py), shared by the scripts below that change what an
+# agent holds. Each host has ``p:host:{addr}:alloc``, a hash member -> allocation JSON of the
+# agents that hold resources there; it is named from the host hash (``host_key .. ':alloc'``)
+# and an agent hash remembers its own in ``host_alloc``. What a host has in use is the sum of
+# that hash, computed inside the claim (so a claim sees every earlier claim: two engines
+# cannot overcommit a host) and cached in the host hash's ``used`` field for listings. Agents
+# without a resource request have no entry: they take one slot (the host's capacity) only.
+_ALLOC_LUA = """
+local function usage_of(alloc_key, skip)
+  local used = {cpu = 0, mem = 0, gpu = {}, custom = {}}
+  local flat = redis.call('HGETALL', alloc_key)
+  for i = 1, #flat, 2 do
+    if flat[i] ~= skip then
+      local a = cjson.decode(flat[i + 1])
+      used.cpu = used.cpu + (a.cpu or 0)
+      used.mem = used.mem + (a.mem or 0)
+      if type(a.gpu) == 'table' then
+        for d, m in pairs(a.gpu) do used.gpu[d] = (used.gpu[d] or 0) + m end
+      end
+      if type(a.custom) == 'table' then
+        for k, v in pairs(a.custom) do used.custom[k] = (used.custom[k] or 0) + v end
+      end
+    end
+  end
+  return used
+end
+
+-- Caches the host's usage in its hash, only while the hash (its lease) exists: an HSET on a
+-- missing hash would create a lease without a TTL.
+local function store_usage(host_key, alloc_key)
+  if redis.call('EXISTS', host_key) == 1 then
+    redis.call('HSET', host_key, 'used', cjson.encode(usage_of(alloc_key, nil)))
+  end
+end
+
+-- Gives back what the agent (hash agent_key, set member) holds on the host that owns it.
+local function release(agent_key, member)
+  local alloc_key = redis.call('HGET', agent_key, 'host_alloc')
+  if alloc_key and redis.call('HDEL', alloc_key, member) == 1 then
+    local host_key = redis.call('HGET', agent_key, 'host_key')
+    if host_key then store_usage(host_key, alloc_key) end
+  end
+end
+
+-- Chooses what a request gets from a host: nil plus (what is short, needed, largest free)
+-- when it does not fit. Whole GPUs take free devices exclusively; a fraction goes to the
+-- fullest device that still has room (best fit, so whole devices stay free for whole requests).
+local function allocate(need, inv, used)
+  local alloc = {}
+  for _, r in ipairs({'cpu', 'mem'}) do
+    local n = need[r] or 0
+    if n > 0 then
+      local free = (inv[r] or 0) - used[r]
+      if free < n then return nil, r, n, free end
+      alloc[r] = n
+    end
+  end
+  if type(need.custom) == 'table' then
+    local have = type(inv.custom) == 'table' and inv.custom or {}
+    for k, n in pairs(need.custom) do
+      local free = (have[k] or 0) - (used.custom[k] or 0)
+      if free < n then return nil, 'custom:' .. k, n, free end
+      if alloc.custom == nil then alloc.custom = {} end
+      alloc.custom[k] = n
+    end
+  end
+  local g = need.gpu or 0
+  if g > 0 then
+    local devices = type(inv.gpus) == 'table' and inv.gpus or {}
+    local largest = 0
+    for _, d in ipairs(devices) do
+      local free = 1000 - (used.gpu[d] or 0)
+      if free > largest then largest = free end
+    end
+    alloc.gpu = {}
+    if g >= 1000 then
+      local want, got = g / 1000, 0
+      for _, d in ipairs(devices) do
+        if got < want and (used.gpu[d] or 0) == 0 then
+          alloc.gpu[d] = 1000
+          got = got + 1
+        end
+      end
+      if got < want then
+        if got > 0 then largest = got * 1000 end
+        return nil, 'gpu', g, largest
+      end
+    else
+      local best, best_used = nil, -1
+      for _, d in ipairs(devices) do
+        local u = used.gpu[d] or 0
+        if 1000 - u >= g and u > best_used then best, best_used = d, u end
+      end
+      if not best then return nil, 'gpu', g, largest end
+      alloc.gpu[best] = g
+    end
+  end
+  return alloc
+end
+
+-- Does an allocation an agent held before still fit beside what the others hold now?
+local function still_fits(a, inv, used)
+  if (a.cpu or 0) > 0 and used.cpu + a.cpu > (inv.cpu or 0) then return false end
+  if (a.mem or 0) > 0 and used.mem + a.mem > (inv.mem or 0) then return false end
+  local have = type(inv.custom) == 'table' and inv.custom or {}
+  if type(a.custom) == 'table' then
+    for k, n in pairs(a.custom) do
+      if (used.custom[k] or 0) + n > (have[k] or 0) then return false end
+    end
+  end
+  if type(a.gpu) == 'table' then
+    local known = {}
+    for _, d in ipairs(type(inv.gpus) == 'table' and inv.gpus or {}) do known[d] = true end
+    for d, m in pairs(a.gpu) do
+      if not known[d] or (used.gpu[d] or 0) + m > 1000 then return false end
+    end
+  end
+  return true
+end
+"""
+
+# KEYS: agent hash, guild set, new host-agents set, new host hash, guild's desired-state hash,
+#       new host's alloc hash, unplaced hash
 # ARGV: agent ttl ms, member, agent id, host address, exclusive ("1"/"0"),
-#       require desired ("1"/"0"), field, value, ...
-# Returns {"ok"}, {"conflict", other_host} or {"not_desired"}. With exclusive, a live record
-# owned by another host whose lease still exists is not taken over: one agent, one owner.
+#       require desired ("1"/"0"), resource request JSON ("" = none), previous allocation JSON
+#       ("" = none), force it ("1"/"0"), field, value, ...
+# Returns {"ok", allocation JSON}, {"conflict", other_host}, {"not_desired"} or
+# {"short", resource, needed, largest free}: the request does not fit what the host has left
+# (nothing changed). A previous allocation is kept when it still fits beside the others (a
+# restart keeps its devices), else a new one is chosen; with force it is taken as it is (a
+# host re-registering an agent whose process runs on those devices: what runs is the truth).
+# The claim also clears the agent from the unplaced hash.
+# With exclusive, a live record owned by another host whose lease still exists is not taken
+# over: one agent, one owner.
 # With require desired, an agent whose desired state is gone is not claimed: an engine
 # clears it before stopping an agent, so an adopter that read it earlier cannot start the
 # agent again after the stop (the check and the claim are one step).
-CLAIM_AGENT = """
+CLAIM_AGENT = _ALLOC_LUA + """
 if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[5], ARGV[3]) == 0 then
   return {'not_desired'}
 end
@@ -32,22 +162,56 @@ if old_host and old_host ~= ARGV[4] then
       return {'conflict', old_host}
     end
   end
+end
+local alloc_json = ''
+if ARGV[8] ~= '' and ARGV[9] == '1' then
+  alloc_json = ARGV[8]
+elseif ARGV[7] ~= '' then
+  local inv = cjson.decode(redis.call('HGET', KEYS[4], 'inventory') or '{}')
+  local used = usage_of(KEYS[6], ARGV[2])
+  if ARGV[8] ~= '' and still_fits(cjson.decode(ARGV[8]), inv, used) then
+    alloc_json = ARGV[8]
+  else
+    local alloc, what, needed, free = allocate(cjson.decode(ARGV[7]), inv, used)
+    if not alloc then return {'short', what, tostring(needed), tostring(free)} end
+    alloc_json = cjson.encode(alloc)
+  end
+end
+if old_host and old_host ~= ARGV[4] then
   local old_set = redis.call('HGET', KEYS[1], 'host_set')
   if old_set then redis.call('SREM', old_set, ARGV[2]) end
+  release(KEYS[1], ARGV[2])
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'host_set', KEYS[3], 'host_key', KEYS[4], 'host_alloc', KEYS[6], 'alloc', alloc_json,
+           unpack(ARGV, 10))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[2])
-return {'ok'}
+local changed
+if alloc_json ~= '' then
+  changed = redis.call('HGET', KEYS[6], ARGV[2]) ~= alloc_json
+  redis.call('HSET', KEYS[6], ARGV[2], alloc_json)
+else
+  changed = redis.call('HDEL', KEYS[6], ARGV[2]) == 1
+end
+if changed then store_usage(KEYS[4], KEYS[6]) end
+redis.call('HDEL', KEYS[7], ARGV[2])
+return {'ok', alloc_json}
 """
 
-# KEYS: agent hash; ARGV: host address, field, value, ...
-# Updates fields only while this host still owns the record. Returns 1 or 0.
-UPDATE_AGENT = """
+# KEYS: agent hash; ARGV: host address, member, field, value, ...
+# Updates fields only while this host still owns the record. Returns 1 or 0. An agent set to
+# "failed" gives its resources back (it will not run again unless launched anew).
+UPDATE_AGENT = _ALLOC_LUA + """
 if redis.call('HGET', KEYS[1], 'host') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+for i = 3, #ARGV - 1, 2 do
+  if ARGV[i] == 'state' and ARGV[i + 1] == 'failed' then
+    release(KEYS[1], ARGV[2])
+    redis.call('HSET', KEYS[1], 'alloc', '')
+  end
+end
 return 1
 """
 
@@ -55,7 +219,7 @@ return 1
 # pid ("" or "0" = any)
 # Removes the agent unless another host owns it now, or (with a pid) a later process of
 # the same agent on this host does. Returns 1 if removed.
-REMOVE_AGENT = """
+REMOVE_AGENT = _ALLOC_LUA + """
 local owner = redis.call('HGET', KEYS[1], 'host')
 if owner and ARGV[3] ~= '' and owner ~= ARGV[3] then
   redis.call('SREM', KEYS[3], ARGV[1])
@@ -67,6 +231,7 @@ if ARGV[4] and ARGV[4] ~= '' and ARGV[4] ~= '0' then
 end
 local owner_set = redis.call('HGET', KEYS[1], 'host_set')
 if owner_set then redis.call('SREM', owner_set, ARGV[1]) end
+release(KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -87,7 +252,7 @@ return 1
 # clock, its hold limit, the sequence): the reaper (REAP_HOSTS) uses them to tell whether a
 # dead host could have known about it — scripts run one at a time, so a lower sequence is
 # an earlier script, exactly.
-HEARTBEAT = """
+HEARTBEAT = _ALLOC_LUA + """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local host_existed = redis.call('EXISTS', KEYS[1])
@@ -116,6 +281,7 @@ for i = 5, #KEYS do
   elseif owner ~= ARGV[3] then
     table.insert(lost, idx)
     redis.call('SREM', KEYS[3], ARGV[first_member + idx - 1])
+    redis.call('HDEL', KEYS[1] .. ':alloc', ARGV[first_member + idx - 1])
   elseif host_existed == 0 then
     -- Our lease had lapsed: we may have been reaped and our agents queued for others. Do not
     -- refresh them behind the queue's back; report them, and the host claims each again.
@@ -132,6 +298,7 @@ for _, addr in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     if redis.call('EXISTS', ARGV[6] .. enc) == 1 then table.insert(peers, addr) end
   end
 end
+store_usage(KEYS[1], KEYS[1] .. ':alloc')  -- the cached usage, fresh once a renewal (and after a Redis restart)
 local drain = redis.call('HGET', KEYS[1], 'drain_requested') or ''
 return {missing, lost, host_existed, drain, peers, tostring(now_ms)}
 """
@@ -236,7 +403,7 @@ for _, addr in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     local members = redis.call('SMEMBERS', key .. ':agents')
     for _, m in ipairs(members) do redis.call('RPUSH', KEYS[2], m) end
     while redis.call('LMOVE', key .. ':adopting', KEYS[2], 'RIGHT', 'LEFT') do end
-    redis.call('DEL', key .. ':agents')
+    redis.call('DEL', key .. ':agents', key .. ':alloc')  -- a dead host holds nothing
     redis.call('SREM', KEYS[1], addr)
     redis.call('HDEL', KEYS[3], addr .. '|since', addr .. '|renewed')
     table.insert(reaped, addr)
@@ -297,7 +464,7 @@ return n
 REMOVE_HOST = """
 local n = 0
 while redis.call('LMOVE', KEYS[4], KEYS[5], 'RIGHT', 'LEFT') do n = n + 1 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[1] .. ':alloc')
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[6], ARGV[1] .. '|since', ARGV[1] .. '|renewed')
 return n
@@ -317,7 +484,7 @@ return 1
 # kill between "removed" and "queued" cannot lose the agent. Returns 1 if the agent is on
 # the queue: handed off now, or by an earlier attempt whose reply was lost (entry gone,
 # member queued), so the client's retry answers the same; 0 otherwise.
-HAND_OFF_AGENT = """
+HAND_OFF_AGENT = _ALLOC_LUA + """
 local owner = redis.call('HGET', KEYS[1], 'host')
 if not owner then
   if redis.call('LPOS', KEYS[4], ARGV[1]) then return 1 end
@@ -327,9 +494,29 @@ if owner ~= ARGV[3] then
   redis.call('SREM', KEYS[3], ARGV[1])  -- not ours any more: drop our stale membership
   return 0
 end
+release(KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('RPUSH', KEYS[4], ARGV[1])
+return 1
+"""
+
+# KEYS: agent hash, unplaced hash, guild's desired-state hash; ARGV: member, agent id, entry JSON
+# Records that a wanted agent fits no host that tried it, unless it is no longer wanted or a
+# claim somewhere has taken it meanwhile (that claim cleared the entry; a late report must
+# not bring it back). Returns 1 if recorded.
+REPORT_UNPLACED = """
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 0
+end
+local v = redis.call('HMGET', KEYS[1], 'state', 'host_key')
+local live = v[1] == 'starting' or v[1] == 'running' or v[1] == 'restarting' or v[1] == 'stopping'
+if live and v[2] and redis.call('EXISTS', v[2]) == 1 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """

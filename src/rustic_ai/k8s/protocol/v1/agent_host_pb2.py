@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*rustic_ai/k8s/protocol/v1/agent_host.proto\x12\x10rustic_ai.k8s.v1\"\xfb\x01\n\x12\x43reateAgentRequest\x12\x17\n\x0fguild_spec_json\x18\x01 \x01(\x0c\x12\x17\n\x0f\x61gent_spec_json\x18\x02 \x01(\x0c\x12\x1d\n\x15messaging_config_json\x18\x03 \x01(\x0c\x12\x12\n\nmachine_id\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lient_type\x18\x05 \x01(\t\x12\x1e\n\x16\x63lient_properties_json\x18\x06 \x01(\x0c\x12\x17\n\x0forganization_id\x18\x07 \x01(\t\x12\x15\n\rdefault_topic\x18\x08 \x01(\t\x12\x1b\n\x13restart_policy_json\x18\t \x01(\x0c\"A\n\x13\x43reateAgentResponse\x12*\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.rustic_ai.k8s.v1.AgentInfo\"6\n\x10StopAgentRequest\x12\x10\n\x08guild_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"?\n\x11StopAgentResponse\x12*\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.rustic_ai.k8s.v1.AgentInfo\"O\n\x13GetAgentInfoRequest\x12\x10\n\x08guild_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x14\n\x0coutput_lines\x18\x03 \x01(\x05\"%\n\x11ListAgentsRequest\x12\x10\n\x08guild_id\x18\x01 \x01(\t\"A\n\x12ListAgentsResponse\x12+\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1b.rustic_ai.k8s.v1.AgentInfo\"\xaa\x02\n\tAgentInfo\x12\x10\n\x08guild_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x17\n\x0f\x61gent_spec_json\x18\x05 \x01(\x0c\x12\x14\n\x0chost_address\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.rustic_ai.k8s.v1.AgentState\x12\x15\n\rhas_exit_code\x18\t \x01(\x08\x12\x11\n\texit_code\x18\n \x01(\x05\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x10\n\x08restarts\x18\x0c \x01(\x05\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x0e\n\x06output\x18\x0e \x03(\t\"@\n\rHealthRequest\x12\x10\n\x08hold_for\x18\x01 \x01(\t\x12\x1d\n\x15hold_lease_expires_ms\x18\x02 \x01(\x03\"\xc7\x01\n\x0eHealthResponse\x12\x11\n\thost_name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0e\x61gents_running\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.rustic_ai.k8s.v1.HostState\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x16\n\x0ehold_granted_s\x18\x08 \x01(\x01*\xc3\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_STATE_STARTING\x10\x01\x12\x17\n\x13\x41GENT_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x41GENT_STATE_RESTARTING\x10\x03\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x04\x12\x18\n\x14\x41GENT_STATE_STOPPING\x10\x05\x12\x17\n\x13\x41GENT_STATE_STOPPED\x10\x06*q\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13HOST_STATE_STARTING\x10\x01\x12\x16\n\x12HOST_STATE_SERVING\x10\x02\x12\x17\n\x13HOST_STATE_DRAINING\x10\x03\x32\xbe\x03\n\x10\x41gentHostService\x12Z\n\x0b\x43reateAgent\x12$.rustic_ai.k8s.v1.CreateAgentRequest\x1a%.rustic_ai.k8s.v1.CreateAgentResponse\x12T\n\tStopAgent\x12\".rustic_ai.k8s.v1.StopAgentRequest\x1a#.rustic_ai.k8s.v1.StopAgentResponse\x12R\n\x0cGetAgentInfo\x12%.rustic_ai.k8s.v1.GetAgentInfoRequest\x1a\x1b.rustic_ai.k8s.v1.AgentInfo\x12W\n\nListAgents\x12#.rustic_ai.k8s.v1.ListAgentsRequest\x1a$.rustic_ai.k8s.v1.ListAgentsResponse\x12K\n\x06Health\x12\x1f.rustic_ai.k8s.v1.HealthRequest\x1a .rustic_ai.k8s.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*rustic_ai/k8s/protocol/v1/agent_host.proto\x12\x10rustic_ai.k8s.v1\"\x93\x02\n\x12\x43reateAgentRequest\x12\x17\n\x0fguild_spec_json\x18\x01 \x01(\x0c\x12\x17\n\x0f\x61gent_spec_json\x18\x02 \x01(\x0c\x12\x1d\n\x15messaging_config_json\x18\x03 \x01(\x0c\x12\x12\n\nmachine_id\x18\x04 \x01(\x05\x12\x13\n\x0b\x63lient_type\x18\x05 \x01(\t\x12\x1e\n\x16\x63lient_properties_json\x18\x06 \x01(\x0c\x12\x17\n\x0forganization_id\x18\x07 \x01(\t\x12\x15\n\rdefault_topic\x18\x08 \x01(\t\x12\x1b\n\x13restart_policy_json\x18\t \x01(\x0c\x12\x16\n\x0eplacement_json\x18\n \x01(\x0c\"A\n\x13\x43reateAgentResponse\x12*\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.rustic_ai.k8s.v1.AgentInfo\"6\n\x10StopAgentRequest\x12\x10\n\x08guild_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"?\n\x11StopAgentResponse\x12*\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.rustic_ai.k8s.v1.AgentInfo\"O\n\x13GetAgentInfoRequest\x12\x10\n\x08guild_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x14\n\x0coutput_lines\x18\x03 \x01(\x05\"%\n\x11ListAgentsRequest\x12\x10\n\x08guild_id\x18\x01 \x01(\t\"A\n\x12ListAgentsResponse\x12+\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1b.rustic_ai.k8s.v1.AgentInfo\"\xc3\x02\n\tAgentInfo\x12\x10\n\x08guild_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x17\n\x0f\x61gent_spec_json\x18\x05 \x01(\x0c\x12\x14\n\x0chost_address\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.rustic_ai.k8s.v1.AgentState\x12\x15\n\rhas_exit_code\x18\t \x01(\x08\x12\x11\n\texit_code\x18\n \x01(\x05\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x10\n\x08restarts\x18\x0c \x01(\x05\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x0e\n\x06output\x18\x0e \x03(\t\x12\x17\n\x0f\x61llocation_json\x18\x0f \x01(\x0c\"@\n\rHealthRequest\x12\x10\n\x08hold_for\x18\x01 \x01(\t\x12\x1d\n\x15hold_lease_expires_ms\x18\x02 \x01(\x03\"\x88\x02\n\x0eHealthResponse\x12\x11\n\thost_name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0e\x61gents_running\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.rustic_ai.k8s.v1.HostState\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x16\n\x0ehold_granted_s\x18\x08 \x01(\x01\x12\x16\n\x0einventory_json\x18\t \x01(\x0c\x12\x12\n\nusage_json\x18\n \x01(\x0c\x12\x13\n\x0blabels_json\x18\x0b \x01(\x0c*\xc3\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_STATE_STARTING\x10\x01\x12\x17\n\x13\x41GENT_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x41GENT_STATE_RESTARTING\x10\x03\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x04\x12\x18\n\x14\x41GENT_STATE_STOPPING\x10\x05\x12\x17\n\x13\x41GENT_STATE_STOPPED\x10\x06*q\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13HOST_STATE_STARTING\x10\x01\x12\x16\n\x12HOST_STATE_SERVING\x10\x02\x12\x17\n\x13HOST_STATE_DRAINING\x10\x03\x32\xbe\x03\n\x10\x41gentHostService\x12Z\n\x0b\x43reateAgent\x12$.rustic_ai.k8s.v1.CreateAgentRequest\x1a%.rustic_ai.k8s.v1.CreateAgentResponse\x12T\n\tStopAgent\x12\".rustic_ai.k8s.v1.StopAgentRequest\x1a#.rustic_ai.k8s.v1.StopAgentResponse\x12R\n\x0cGetAgentInfo\x12%.rustic_ai.k8s.v1.GetAgentInfoRequest\x1a\x1b.rustic_ai.k8s.v1.AgentInfo\x12W\n\nListAgents\x12#.rustic_ai.k8s.v1.ListAgentsRequest\x1a$.rustic_ai.k8s.v1.ListAgentsResponse\x12K\n\x06Health\x12\x1f.rustic_ai.k8s.v1.HealthRequest\x1a .rustic_ai.k8s.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rustic_ai.k8s.protocol.v1.agent_host_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATE']._serialized_start=1263
-  _globals['_AGENTSTATE']._serialized_end=1458
-  _globals['_HOSTSTATE']._serialized_start=1460
-  _globals['_HOSTSTATE']._serialized_end=1573
+  _globals['_AGENTSTATE']._serialized_start=1377
+  _globals['_AGENTSTATE']._serialized_end=1572
+  _globals['_HOSTSTATE']._serialized_start=1574
+  _globals['_HOSTSTATE']._serialized_end=1687
   _globals['_CREATEAGENTREQUEST']._serialized_start=65
-  _globals['_CREATEAGENTREQUEST']._serialized_end=316
-  _globals['_CREATEAGENTRESPONSE']._serialized_start=318
-  _globals['_CREATEAGENTRESPONSE']._serialized_end=383
-  _globals['_STOPAGENTREQUEST']._serialized_start=385
-  _globals['_STOPAGENTREQUEST']._serialized_end=439
-  _globals['_STOPAGENTRESPONSE']._serialized_start=441
-  _globals['_STOPAGENTRESPONSE']._serialized_end=504
-  _globals['_GETAGENTINFOREQUEST']._serialized_start=506
-  _globals['_GETAGENTINFOREQUEST']._serialized_end=585
-  _globals['_LISTAGENTSREQUEST']._serialized_start=587
-  _globals['_LISTAGENTSREQUEST']._serialized_end=624
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=626
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=691
-  _globals['_AGENTINFO']._serialized_start=694
-  _globals['_AGENTINFO']._serialized_end=992
-  _globals['_HEALTHREQUEST']._serialized_start=994
-  _globals['_HEALTHREQUEST']._serialized_end=1058
-  _globals['_HEALTHRESPONSE']._serialized_start=1061
-  _globals['_HEALTHRESPONSE']._serialized_end=1260
-  _globals['_AGENTHOSTSERVICE']._serialized_start=1576
-  _globals['_AGENTHOSTSERVICE']._serialized_end=2022
+  _globals['_CREATEAGENTREQUEST']._serialized_end=340
+  _globals['_CREATEAGENTRESPONSE']._serialized_start=342
+  _globals['_CREATEAGENTRESPONSE']._serialized_end=407
+  _globals['_STOPAGENTREQUEST']._serialized_start=409
+  _globals['_STOPAGENTREQUEST']._serialized_end=463
+  _globals['_STOPAGENTRESPONSE']._serialized_start=465
+  _globals['_STOPAGENTRESPONSE']._serialized_end=528
+  _globals['_GETAGENTINFOREQUEST']._serialized_start=530
+  _globals['_GETAGENTINFOREQUEST']._serialized_end=609
+  _globals['_LISTAGENTSREQUEST']._serialized_start=611
+  _globals['_LISTAGENTSREQUEST']._serialized_end=648
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=650
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=715
+  _globals['_AGENTINFO']._serialized_start=718
+  _globals['_AGENTINFO']._serialized_end=1041
+  _globals['_HEALTHREQUEST']._serialized_start=1043
+  _globals['_HEALTHREQUEST']._serialized_end=1107
+  _globals['_HEALTHRESPONSE']._serialized_start=1110
+  _globals['_HEALTHRESPONSE']._serialized_end=1374
+  _globals['_AGENTHOSTSERVICE']._serialized_start=1690
+  _globals['_AGENTHOSTSERVICE']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ HOST_STATE_SERVING: HostState
 HOST_STATE_DRAINING: HostState
 
 class CreateAgentRequest(_message.Message):
-    __slots__ = ("guild_spec_json", "agent_spec_json", "messaging_config_json", "machine_id", "client_type", "client_properties_json", "organization_id", "default_topic", "restart_policy_json")
+    __slots__ = ("guild_spec_json", "agent_spec_json", "messaging_config_json", "machine_id", "client_type", "client_properties_json", "organization_id", "default_topic", "restart_policy_json", "placement_json")
     GUILD_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     AGENT_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     MESSAGING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class CreateAgentRequest(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOPIC_FIELD_NUMBER: _ClassVar[int]
     RESTART_POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
     guild_spec_json: bytes
     agent_spec_json: bytes
     messaging_config_json: bytes
@@ -55,7 +56,8 @@ class CreateAgentRequest(_message.Message):
     organization_id: str
     default_topic: str
     restart_policy_json: bytes
-    def __init__(self, guild_spec_json: _Optional[bytes] = ..., agent_spec_json: _Optional[bytes] = ..., messaging_config_json: _Optional[bytes] = ..., machine_id: _Optional[int] = ..., client_type: _Optional[str] = ..., client_properties_json: _Optional[bytes] = ..., organization_id: _Optional[str] = ..., default_topic: _Optional[str] = ..., restart_policy_json: _Optional[bytes] = ...) -> None: ...
+    placement_json: bytes
+    def __init__(self, guild_spec_json: _Optional[bytes] = ..., agent_spec_json: _Optional[bytes] = ..., messaging_config_json: _Optional[bytes] = ..., machine_id: _Optional[int] = ..., client_type: _Optional[str] = ..., client_properties_json: _Optional[bytes] = ..., organization_id: _Optional[str] = ..., default_topic: _Optional[str] = ..., restart_policy_json: _Optional[bytes] = ..., placement_json: _Optional[bytes] = ...) -> None: ...
 
 class CreateAgentResponse(_message.Message):
     __slots__ = ("agent",)
@@ -100,7 +102,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("guild_id", "agent_id", "name", "class_name", "agent_spec_json", "host_address", "pid", "state", "has_exit_code", "exit_code", "started_at", "restarts", "reason", "output")
+    __slots__ = ("guild_id", "agent_id", "name", "class_name", "agent_spec_json", "host_address", "pid", "state", "has_exit_code", "exit_code", "started_at", "restarts", "reason", "output", "allocation_json")
     GUILD_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,7 @@ class AgentInfo(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_JSON_FIELD_NUMBER: _ClassVar[int]
     guild_id: str
     agent_id: str
     name: str
@@ -129,7 +132,8 @@ class AgentInfo(_message.Message):
     restarts: int
     reason: str
     output: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, guild_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., class_name: _Optional[str] = ..., agent_spec_json: _Optional[bytes] = ..., host_address: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[AgentState, str]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., started_at: _Optional[float] = ..., restarts: _Optional[int] = ..., reason: _Optional[str] = ..., output: _Optional[_Iterable[str]] = ...) -> None: ...
+    allocation_json: bytes
+    def __init__(self, guild_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., name: _Optional[str] = ..., class_name: _Optional[str] = ..., agent_spec_json: _Optional[bytes] = ..., host_address: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[AgentState, str]] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., started_at: _Optional[float] = ..., restarts: _Optional[int] = ..., reason: _Optional[str] = ..., output: _Optional[_Iterable[str]] = ..., allocation_json: _Optional[bytes] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("hold_for", "hold_lease_expires_ms")
@@ -140,7 +144,7 @@ class HealthRequest(_message.Message):
     def __init__(self, hold_for: _Optional[str] = ..., hold_lease_expires_ms: _Optional[int] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("host_name", "address", "agents_running", "capacity", "state", "version", "started_at", "hold_granted_s")
+    __slots__ = ("host_name", "address", "agents_running", "capacity", "state", "version", "started_at", "hold_granted_s", "inventory_json", "usage_json", "labels_json")
     HOST_NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +153,9 @@ class HealthResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     HOLD_GRANTED_S_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_JSON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_JSON_FIELD_NUMBER: _ClassVar[int]
+    LABELS_JSON_FIELD_NUMBER: _ClassVar[int]
     host_name: str
     address: str
     agents_running: int
@@ -157,4 +164,7 @@ class HealthResponse(_message.Message):
     version: str
     started_at: float
     hold_granted_s: float
-    def __init__(self, host_name: _Optional[str] = ..., address: _Optional[str] = ..., agents_running: _Optional[int] = ..., capacity: _Optional[int] = ..., state: _Optional[_Union[HostState, str]] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., hold_granted_s: _Optional[float] = ...) -> None: ...
+    inventory_json: bytes
+    usage_json: bytes
+    labels_json: bytes
+    def __init__(self, host_name: _Optional[str] = ..., address: _Optional[str] = ..., agents_running: _Optional[int] = ..., capacity: _Optional[int] = ..., state: _Optional[_Union[HostState, str]] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., hold_granted_s: _Optional[float] = ..., inventory_json: _Optional[bytes] = ..., usage_json: _Optional[bytes] = ..., labels_json: _Optional[bytes] = ...) -> None: ...
