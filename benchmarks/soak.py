@@ -15,9 +15,11 @@ waits (bounded) until every agent has one live process and handles new messages;
 agent that does not is stopped and launched again, and the fault counts as not
 recovered.
 
-Per fault class it prints and writes to ``benchmarks/results/soak.json``: messages lost
-and handled twice (each message is charged to the fault whose window it was sent in:
-from the fault's start to the next fault's), the most live copies of one agent seen in
+Per fault class it prints and writes to ``benchmarks/results/soak.json``: messages lost,
+messages destroyed with a Redis restarted empty (apart from lost, only on the checker's
+proof: see tests/support/exactly_once.py), and handled twice (each message is charged to
+the fault whose window it was sent in: from the fault's start to the next fault's), the
+most live copies of one agent seen in
 the window, and the time to recover (heal → the slowest agent handling a message sent
 after the heal).
 """
@@ -139,8 +141,9 @@ async def soak(n_faults: int, seed: int) -> dict:
             print(f"fault {n + 1:2}/{n_faults}: {kind:28} most copies {windows[-1]['max_copies']}, "
                   f"recovered {rec}", flush=True)
         report = await checker.settle()
-        per_fault = charge(windows, checker)
-    return summarise(windows, per_fault, report, seed)
+        per_fault = charge(windows, checker, report)
+        detail = lost_detail(windows, report, checker.sender)
+    return {**summarise(windows, per_fault, report, seed), "lost_detail": detail}
 
 
 async def repair(fleet: LedgerFleet) -> None:
@@ -160,32 +163,55 @@ async def repair(fleet: LedgerFleet) -> None:
             print(f"  (could not relaunch {a}: {exc})", flush=True)
 
 
-def charge(windows: list[dict], checker) -> list[dict]:
-    """Lost and handled-twice messages per fault, by the window each message was sent in."""
+def charge(windows: list[dict], checker, report) -> list[dict]:
+    """Lost and handled-twice messages per fault, by the window each message was sent in. A message
+    the checker proves was destroyed with a Redis restarted empty (acknowledged by it, never read
+    by the agent) is counted apart, as ``destroyed``, not as lost."""
     starts = [w["began"] for w in windows]
     sent = dict(checker.sender.sent)
-    out = [{"lost": 0, "twice": 0} for _ in windows]
+    out = [{"lost": 0, "destroyed": 0, "twice": 0} for _ in windows]
     for a in AGENTS:
         entry = checker.ledgers.agents.get(a)
         counts = Counter(seq for seq, _p, _t in entry.handled) if entry else Counter()
+        destroyed = set(report.agents[a].destroyed)
         for seq, t in sent.items():
             i = bisect.bisect_right(starts, t) - 1
             if i < 0:
                 continue  # sent before the first fault
             if counts[seq] == 0:
-                out[i]["lost"] += 1
+                out[i]["destroyed" if seq in destroyed else "lost"] += 1
             elif counts[seq] > 1:
                 out[i]["twice"] += counts[seq] - 1
     return out
 
 
+def lost_detail(windows: list[dict], report, sender) -> list[dict]:
+    """Every message lost or destroyed: when it was sent (from the start of its fault window) and
+    which Redis instance acknowledged it (None: not provably one), for finding the mechanism."""
+    starts = [w["began"] for w in windows]
+    view = {"sent": dict(sender.sent), "acked_by": dict(sender.acked_by)}
+    out = []
+    for a in report.agents.values():
+        for what, seqs in (("lost", a.lost), ("destroyed", a.destroyed)):
+            for seq in seqs:
+                t = view["sent"].get(seq)
+                i = bisect.bisect_right(starts, t) - 1 if t is not None else -1
+                out.append({"agent": a.agent_id, "seq": seq, "what": what, "fault": i,
+                            "kind": windows[i]["kind"] if i >= 0 else None,
+                            "after_fault_began_s": round(t - starts[i], 3) if i >= 0 else None,
+                            "acked_by": view["acked_by"].get(seq)})
+    return out
+
+
 def summarise(windows: list[dict], per_fault: list[dict], report, seed: int) -> dict:
-    classes: dict[str, dict] = defaultdict(lambda: {"faults": 0, "lost": 0, "twice": 0, "max_copies": 0,
+    classes: dict[str, dict] = defaultdict(lambda: {"faults": 0, "lost": 0, "destroyed": 0, "twice": 0,
+                                                    "max_copies": 0,
                                                     "recover_s": [], "never_recovered": 0})
     for w, c in zip(windows, per_fault):
         k = classes[w["kind"]]
         k["faults"] += 1
         k["lost"] += c["lost"]
+        k["destroyed"] += c["destroyed"]
         k["twice"] += c["twice"]
         k["max_copies"] = max(k["max_copies"], w["max_copies"])
         if w["recover_s"] is None:
@@ -214,16 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(results, indent=2))
     print(f"\nsoak: {results['faults']} faults, seed {args.seed}, {results['seconds']} s\n")
-    print("| fault class | n | lost | handled twice | most live copies | recover p50 / max | never recovered |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    print("| fault class | n | lost | destroyed with Redis | handled twice | most live copies | recover p50 / max "
+          "| never recovered |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for kind, k in sorted(results["classes"].items()):
         rec = sorted(k["recover_s"])
         spread = f"{rec[len(rec) // 2]:.2f} / {rec[-1]:.2f} s" if rec else "—"
-        print(f"| {kind} | {k['faults']} | {k['lost']} | {k['twice']} | {k['max_copies']} | {spread} | "
+        print(f"| {kind} | {k['faults']} | {k['lost']} | {k['destroyed']} | {k['twice']} | {k['max_copies']} "
+              f"| {spread} | "
               f"{k['never_recovered']} |")
     t = results["totals"]
-    print(f"\ntotal: lost {t['lost']} messages, {t['twice']} messages handled twice, most live copies "
-          f"{t['max_copies']}")
+    print(f"\ntotal: lost {t['lost']} messages ({t['destroyed_with_redis']} more destroyed with Redis), "
+          f"{t['twice']} messages handled twice, most live copies {t['max_copies']}")
     ok = t["lost"] == 0 and t["max_copies"] <= 1
     return 0 if ok else 1
 

@@ -90,7 +90,7 @@ class LaunchInFlight:
                 await asyncio.sleep(0.5)  # a user's retry interval, not a synchronisation
 
 
-async def judge(fleet: LedgerFleet, *, max_twice: int = 0, held: list[str] = ()) -> None:
+async def judge(fleet: LedgerFleet, *, max_twice: int | dict[str, int] = 0, held: list[str] = ()) -> None:
     """``held``: agents that must have kept their one process through the fault (an outage
     every host shares: nobody can adopt, so stopping them would only lose work)."""
     report = await fleet.checker.settle()
@@ -194,6 +194,44 @@ async def test_redis_restarted(keep_data):
                 await asyncio.sleep(1.0)  # down for a second: a real restart, not an instant one
         await launch.finish()
         await judge(fleet, held=AGENTS)
+
+
+@pytest.mark.parametrize("when", ["just-before", "while-down", "just-after"])
+async def test_agent_sigkill_during_a_redis_restart_empty(when):
+    """An agent dies within a second of Redis restarting empty. Before: its next copy starts
+    with no saved position, from a store that lost everything; what the dead copy had not
+    read yet and only the old Redis held is destroyed with it (nobody but the publisher could
+    resend it): the checker counts those apart, only when it can prove it
+    (`support.exactly_once`, "destroyed with Redis"). After: the copy that dies had its live
+    feed come back to a new Redis; its saved position must not have passed what the feed
+    missed and its sweep had not read yet, or its successor starts past those. Every message
+    published to the new Redis must be handled, once."""
+    async with fleet_under_traffic() as fleet:
+        [pid] = fleet.live_pids("l0")
+        with fleet.checker.fault(f"agent SIGKILL {when} a Redis restart (empty)"):
+            if when == "just-before":
+                killed = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(0.15)  # the restarted copy is starting as Redis goes away
+            with faults.redis_down(fleet.redis, keep_data=False):
+                if when == "while-down":
+                    await asyncio.sleep(0.5)
+                    killed = time.monotonic()
+                    os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(1.0)
+            back = time.monotonic()
+            if when == "just-after":
+                await asyncio.sleep(0.5)  # the live feed is back (or coming back), the sweep may not be
+                killed = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+        await judge(fleet, max_twice={"l0": CRASH})
+        report = fleet.checker.report()
+        sent = fleet.checker.sender.sent
+        # The only messages excused are l0's, published between its death and the restart.
+        excused = {a: r.destroyed for a, r in report.agents.items() if r.destroyed}
+        assert set(excused) <= {"l0"}, f"messages of live agents excused as destroyed: {excused}"
+        assert all(killed <= sent[s] <= back for s in excused.get("l0", [])), \
+            f"excused messages sent outside the kill..restart span: {excused}"
 
 
 # -- partitions

@@ -18,6 +18,34 @@ never handled by any copy before the settle deadline), messages handled twice (b
 copies), the most live copies seen at once, and the time to recover (from the end of the
 fault to the first handling of a message sent after it).
 
+**Destroyed with Redis, counted apart.** A Redis restarted empty takes with it every message
+it had acknowledged that a copy of the agent had not read yet — say the agent's process was
+SIGKILLed a moment before: its next copy starts from a store that no longer has them, and
+only the publisher could send them again (rusticai's publish does not). No delivery fix
+in the engine can bring those back, so the report lists them as ``destroyed``, not
+``lost`` — but only when all of this is established from outside the engine:
+
+1. *one instance stored it*: the sender read the same Redis ``run_id`` (new at every start
+   of redis-server) just before the publish and just after it returned (`RedisInstances`);
+2. *that instance's data is gone*: its successor lacks the canary key the checker wrote to
+   it, in a MULTI with INFO so the reply proves which instance stored it (a restart with
+   its data keeps the key; then nothing of that instance is excused);
+3. *the agent read nothing of that instance after it*: no copy handled a message sent after
+   it and before that instance last answered (reading later messages, live or by a
+   replay from the store, it would have had this one);
+4. *no copy could have had it delivered*: no copy of the agent was alive from the
+   acknowledgement until that instance last answered (ledger start times, death seen by
+   the /proc sampler). A copy subscribed all along owes the message however the store
+   fared — its live feed or its backlog sweep must get it first.
+
+Everything else missing is lost: a message published to the new, empty Redis; one a live
+copy missed because its feed was down when the store was wiped; one whose instance is
+unknown (the publish straddled a restart). Each condition can only turn an excuse into a
+loss when the evidence is missing (an INFO that failed, a canary that could not be
+written, a death the sampler has not seen), never the other way round. In the fault matrix
+(agent SIGKILL just before an empty restart) what is excused is the 0.1–0.3 s of messages
+between the kill and Redis going away; with the data kept, nothing is.
+
 Typical use::
 
     async with Checker(ledger_dir, guild_id, messaging, agents) as checker:
@@ -106,6 +134,73 @@ class Ledgers:
                     entry.handled.append((int(rest[0]), int(rest[1]), float(rest[2])))
 
 
+CANARY_KEY = "exactly-once-checker:instance:{}"
+
+
+@dataclasses.dataclass
+class Instance:
+    """One run of redis-server, as the sender saw it (its run_id is new at every start)."""
+
+    run_id: str
+    first_seen: float  # monotonic
+    last_seen: float  # the last time it answered: it died after this
+    canary: bool = False  # the checker's own key is known to be stored in it
+    data_survived: bool | None = None  # in its successor: True, False (restarted empty) or unknown
+
+
+class RedisInstances:
+    """Tells which redis-server is answering, and whether a successor kept its predecessor's data.
+
+    Asked by the sender around every publish, over a connection of its own (not the
+    engine's). Each instance gets a canary key, written in one MULTI with INFO, so the reply
+    proves which instance stored it; when a new run_id appears, the canary of the one before
+    is looked up in it: absent means the predecessor's data did not survive the restart.
+    """
+
+    def __init__(self, messaging) -> None:
+        import redis  # the sender's machinery only; the checker's other parts need no client
+
+        conf = dict(messaging.backend_config.get("redis_client") or {})
+        self._client = redis.Redis(host=conf.get("host", "127.0.0.1"), port=int(conf.get("port", 6379)),
+                                   socket_timeout=0.2, socket_connect_timeout=0.2,
+                                   retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        self.seen: list[Instance] = []
+
+    def current(self) -> str | None:
+        """The run_id answering now; None when nothing answers."""
+        try:
+            run_id = str(self._client.info("server")["run_id"])
+        except Exception:  # noqa: BLE001 - Redis away: which one stored a message stays unknown
+            return None
+        now = time.monotonic()
+        last = self.seen[-1] if self.seen else None
+        if last is None or last.run_id != run_id:
+            new = Instance(run_id, now, now)
+            with contextlib.suppress(Exception):
+                if last is not None and last.canary:
+                    new_has_it = bool(self._client.exists(CANARY_KEY.format(last.run_id)))
+                    last.data_survived = new_has_it
+                pipe = self._client.pipeline(transaction=True)
+                pipe.set(CANARY_KEY.format(run_id), "1")
+                pipe.info("server")
+                new.canary = str(pipe.execute()[1]["run_id"]) == run_id
+            self.seen.append(new)
+            last = new
+        last.last_seen = now
+        return run_id
+
+    def wiped(self, run_id: str) -> Instance | None:
+        """The instance, if it is proven that its data did not survive into its successor."""
+        for inst in self.seen:
+            if inst.run_id == run_id:
+                return inst if inst.data_survived is False else None
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
 class Sender(threading.Thread):
     """Publishes ``{"ledger_seq": n}`` on the default topic at a steady rate, from its own thread."""
 
@@ -113,6 +208,8 @@ class Sender(threading.Thread):
         super().__init__(name="ledger-sender", daemon=True)
         self.guild_id, self.messaging, self.interval = guild_id, messaging, 1.0 / rate_per_s
         self.sent: dict[int, float] = {}  # seq -> monotonic time the publish returned
+        self.instances = RedisInstances(messaging)
+        self.acked_by: dict[int, str] = {}  # seq -> run_id of the one Redis instance that stored it
         self.failed: list[int] = []
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -133,12 +230,18 @@ class Sender(threading.Thread):
         try:
             while not self._stop.is_set():
                 probe.clear()  # the probe captures every message on the topic; keep only the latest
+                before = self.instances.current()
                 try:
                     probe.agent.publish_dict("default_topic", {SEQ_FIELD: seq})
                     self.sent[seq] = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - a refused publish is "not sent", not lost
                     log.info("publish %d failed: %s", seq, exc)
                     self.failed.append(seq)
+                else:
+                    # Which Redis acknowledged it, only when provable: the same instance answered
+                    # just before the publish and just after it returned.
+                    if before is not None and self.instances.current() == before:
+                        self.acked_by[seq] = before
                 seq += 1
                 # Steady rate, no catch-up burst after a publish that blocked (Redis paused).
                 next_due = max(next_due + self.interval, time.monotonic())
@@ -154,6 +257,7 @@ class Sender(threading.Thread):
                 time.sleep(0.02)
             with contextlib.suppress(Exception):
                 probe.close()
+            self.instances.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -172,6 +276,8 @@ class AgentReport:
     live_at_end: list[int]
     recover_s: float | None  # None: nothing sent after the fault was handled
     retired: bool = False  # stopped on purpose: owes only what was sent before, and no live copy
+    destroyed: list[int] = dataclasses.field(default_factory=list)  # never handled, and provably wiped
+    # with the Redis that stored them (see Checker.destroyed_with_redis); not in ``lost``
 
     @property
     def twice_by_one_copy(self) -> int:
@@ -181,7 +287,8 @@ class AgentReport:
     def line(self) -> str:
         rec = "never" if self.recover_s is None else f"{self.recover_s:.2f} s"
         name = f"{self.agent_id} (stopped)" if self.retired else self.agent_id
-        return (f"{name}: sent {self.sent}, lost {len(self.lost)} {self.lost[:20]}, "
+        wiped = f" (+ {len(self.destroyed)} destroyed with Redis {self.destroyed[:20]})" if self.destroyed else ""
+        return (f"{name}: sent {self.sent}, lost {len(self.lost)} {self.lost[:20]}{wiped}, "
                 f"twice {len(self.twice)} (by one copy {self.twice_by_one_copy}) "
                 f"{dict(list(self.twice.items())[:10])}, "
                 f"most live copies {self.max_copies} {self.max_copies_pids}, recover {rec}, "
@@ -201,6 +308,7 @@ class Report:
 
     def totals(self) -> dict:
         return {"lost": sum(len(a.lost) for a in self.agents.values()),
+                "destroyed_with_redis": sum(len(a.destroyed) for a in self.agents.values()),
                 "twice": sum(len(a.twice) for a in self.agents.values()),
                 "max_copies": max((a.max_copies for a in self.agents.values()), default=0),
                 "recover_s": max((a.recover_s if a.recover_s is not None else float("inf")
@@ -252,6 +360,7 @@ class Checker:
         self.retired: dict[str, float] = {}  # agent -> when it was stopped on purpose
         self.joined: dict[str, float] = {}  # agent -> when it was added after the sender started
         self._max: dict[str, tuple[int, list[int]]] = {}
+        self.dead_by: dict[Copy, float] = {}  # copy -> the first sample that found it dead (it died before)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample_forever, name="copy-sampler", daemon=True)
@@ -296,7 +405,15 @@ class Checker:
         """Live copies per agent right now; also updates the maximum seen."""
         with self._lock:
             self.ledgers.refresh()
-            live = {a: [c.pid for c in e.copies if copy_alive(c)] for a, e in self.ledgers.agents.items()}
+            now = time.monotonic()
+            live = {}
+            for a, e in self.ledgers.agents.items():
+                live[a] = []
+                for c in e.copies:
+                    if copy_alive(c):
+                        live[a].append(c.pid)
+                    else:
+                        self.dead_by.setdefault(c, now)
             for a, pids in live.items():
                 if len(pids) > self._max.get(a, (0, []))[0]:
                     self._max[a] = (len(pids), pids)
@@ -401,6 +518,25 @@ class Checker:
         since, until = self.joined.get(agent_id, 0.0), self.retired.get(agent_id)
         return {s for s, t in sent.items() if t >= since and (until is None or t < until)}
 
+    def _destroyed_with_redis(self, seq: int, entry: _AgentLedger, sent: dict[int, float]) -> bool:
+        """True only when it is proven, from outside the engine, that the message was destroyed by
+        the storage before this agent could have read it — see `destroyed_with_redis`."""
+        run_id = self.sender.acked_by.get(seq)
+        inst = self.sender.instances.wiped(run_id) if run_id is not None else None
+        if inst is None:
+            return False  # not proven stored in one instance, or that instance's data survived
+        acked = sent[seq]
+        # A copy that handled anything published later to that instance was reading it after
+        # this message was there: a correct delivery would have handled this one too.
+        if any(s > seq and sent.get(s, float("inf")) <= inst.last_seen for s, _p, _t in entry.handled):
+            return False
+        # A copy alive from the acknowledgement until the instance died was subscribed (or
+        # replaying) all along: the message was its to handle, wiped store or not.
+        for c in entry.copies:
+            if c.started_at <= acked and self.dead_by.get(c, float("inf")) > inst.last_seen:
+                return False
+        return True
+
     def report(self) -> Report:
         if self.sampler_error is not None:
             raise RuntimeError("the /proc sampler died") from self.sampler_error
@@ -420,8 +556,11 @@ class Checker:
                         pids.setdefault(seq, []).append(pid)
                 after = [at for seq, _p, at in entry.handled if healed is not None and sent.get(seq, -1.0) >= healed]
                 most = self._max.get(a, (0, []))
+                missing = owed - set(counts)
+                destroyed = {seq for seq in missing if self._destroyed_with_redis(seq, entry, sent)}
                 agents[a] = AgentReport(
-                    agent_id=a, sent=len(owed), lost=sorted(owed - set(counts)), twice=pids,
+                    agent_id=a, sent=len(owed), lost=sorted(missing - destroyed), twice=pids,
+                    destroyed=sorted(destroyed),
                     max_copies=most[0], max_copies_pids=most[1], copies_started=[c.pid for c in entry.copies],
                     live_at_end=live.get(a, []), retired=until is not None,
                     recover_s=(min(after) - healed) if after else (None if healed is not None else 0.0),

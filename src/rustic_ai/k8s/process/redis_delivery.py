@@ -1,10 +1,10 @@
-"""Two delivery fixes for rusticai-redis 1.4's per-client subscriptions, applied in agent processes only.
+"""Delivery fixes for rusticai-redis 1.4's per-client subscriptions, applied in agent processes only.
 
 rusticai-redis keeps, per agent (client) and topic, the id of the last message it handled
 (``eo:pos:{client}:{topic}``) and replays what came after it when the agent subscribes —
 the mechanism that lets an agent restarted or moved to another host pick up where it
 stopped. Measured with this project's exactly-once checker (tests/support/exactly_once.py),
-two gaps in it lose or repeat messages under the faults this engine is built to survive:
+these gaps in it lose or repeat messages under the faults this engine is built to survive:
 
 * **Lost across a reconnect.** After a Redis restart (or any broken pub/sub connection) the
   subscription comes back — redis-py reconnects and re-subscribes on its own, or the
@@ -25,8 +25,29 @@ two gaps in it lose or repeat messages under the faults this engine is built to 
   message overtook it. Fix: the position saved is never past the oldest message still
   queued, nor past where this copy started before its first replay was queued.
 
-Both are small wrappers around the library's own methods (``_enqueue_for_client``,
-``_resubscribe_all``, ``_setup_internal``), installed by ``install()`` when the agent's messaging backend is
+* **Lost when a copy dies just after Redis comes back (empty).** Measured with an agent
+  SIGKILLed 0.5 s after an empty restart (the fault matrix's "just-after" row; 4 of ~40 lost
+  in one run of three before this fix, and 2 in the seeded soak): three slow paths let the
+  copy handle a live message, and save its position, ahead of older ones only the new
+  store held, so its successor started past them. (a) The dirty mark below was skipped on
+  the *first* reconnect of every pub/sub connection (redis-py registers ``on_connect`` after
+  the first connect, so counting calls and skipping one skipped the first reconnect); it now
+  goes by whether the PubSub already had channels. (b) The reader reconnected with redis-py's
+  default backoff (jittered, up to 1 s a try) and the sweep read through the library's
+  client, which retries the same way: both came back up to a second after Redis. The reader
+  now retries every 50 ms, and sweeps use a client of their own with no retry (the sweep
+  loop is the retry), every 0.1 s while Redis is away or the feed is not back. (c) A reader
+  thread that gave up (an outage past its retries) waited for the library's health check
+  (10 s); the sweeper restarts it as soon as Redis answers.
+
+What none of this can save is a message Redis acknowledged and then lost with its data
+before any copy read it (an empty restart right after a copy died): only the publisher
+could send it again. The exactly-once checker counts those apart, on proof
+(tests/support/exactly_once.py, "destroyed with Redis").
+
+All are small wrappers around the library's own methods (``_enqueue_for_client``,
+``_resubscribe_all``, ``_setup_internal``, ``_subscribe_internal``, ``_save_position``,
+``_replay_backlog``), installed by ``install()`` when the agent's messaging backend is
 rusticai-redis; nothing changes for other backends. They are meant to be removed once the
 library does the same.
 """
@@ -59,6 +80,7 @@ def install() -> bool:
     original_resubscribe = RedisPubSubManager._resubscribe_all
     original_setup = RedisPubSubManager._setup_internal
     original_replay = RedisPubSubManager._replay_backlog
+    original_subscribe = RedisPubSubManager._subscribe_internal
 
     def _enqueue_for_client(self: Any, client_id: str, namespace: Any, topic: str, handler: Any,
                             message: Any) -> None:
@@ -111,6 +133,13 @@ def install() -> bool:
         _watch_reconnects(self)
         _start_sweeper(self)
 
+    def _subscribe_internal(self: Any, topic: str, handler: Any) -> None:
+        original_subscribe(self, topic, handler)
+        with self.lock:  # the reader's first connection never passes through on_connect
+            connection = getattr(self.pubsub, "connection", None)
+            if connection is not None and not isinstance(getattr(connection, "retry", None), _ReaderRetry):
+                connection.retry = _reader_retry()
+
     def _replay_backlog(self: Any, topic: str, client_id: str, handler: Any, namespace: Any) -> None:
         # The first replay of a subscription marks where this process's responsibility starts.
         self.__dict__.setdefault("_rk8s_floors", {}).setdefault(
@@ -125,11 +154,13 @@ def install() -> bool:
     RedisPubSubManager._resubscribe_all = _resubscribe_all
     RedisPubSubManager._setup_internal = _setup_internal
     RedisPubSubManager._replay_backlog = _replay_backlog
+    RedisPubSubManager._subscribe_internal = _subscribe_internal
     RedisPubSubManager._rk8s_delivery_fixed = True
     return True
 
 
 SWEEP_S = 0.5  # how often each subscription's recent backlog is read again
+SWEEP_FAST_S = 0.1  # ... while Redis is away or the live feed is not back after a reconnect
 
 
 def _replay_all(manager: Any) -> None:
@@ -166,7 +197,8 @@ def _sweep_once(manager: Any) -> int:
         if floor is None:  # subscribed before install(): start from the saved position
             floor = floors[(topic, client_id)] = manager._load_position(client_id, topic)
         since = windows.get((topic, client_id), GemstoneID.from_int(floor).timestamp if floor else 0.0)
-        raw = manager.client.zrangebyscore(topic, since, "+inf") if since else manager.client.zrange(topic, 0, -1)
+        client = _sweep_client(manager)
+        raw = client.zrangebyscore(topic, since, "+inf") if since else client.zrange(topic, 0, -1)
         messages = sorted((Message.from_json(m) for m in raw or ()), key=lambda m: m.id)
         seen = _seen_ids(manager, client_id)
         for message in messages:
@@ -179,6 +211,36 @@ def _sweep_once(manager: Any) -> int:
     return queued
 
 
+SWEEP_READ_TIMEOUT_S = 2.0  # a sweep's read gives up on a Redis that does not answer (paused) after this
+
+
+def _sweep_client(manager: Any) -> Any:
+    """A client of the library's Redis for sweeps only, that fails at once instead of retrying.
+
+    The library's client retries a failed command with a backoff of up to a second a try, so
+    a sweep started during an outage returned up to a second after Redis came back (and a
+    live delivery waiting for that sweep waited with it). Same server and settings, its own
+    small pool, no retry: the sweeper's own loop is the retry. A client without a
+    connection pool (a cluster client) is used as it is.
+    """
+    client = manager.__dict__.get("_rk8s_sweep_client")
+    if client is None:
+        client = manager.client
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None and hasattr(pool, "connection_kwargs"):
+            import redis
+            from redis.backoff import NoBackoff
+
+            kwargs = {**pool.connection_kwargs, "retry": redis.retry.Retry(NoBackoff(), 0)}
+            kwargs["socket_timeout"] = min(kwargs.get("socket_timeout") or SWEEP_READ_TIMEOUT_S, SWEEP_READ_TIMEOUT_S)
+            kwargs["socket_connect_timeout"] = min(kwargs.get("socket_connect_timeout") or SWEEP_READ_TIMEOUT_S,
+                                                   SWEEP_READ_TIMEOUT_S)
+            client = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                            max_connections=2, **kwargs))
+        manager.__dict__["_rk8s_sweep_client"] = client
+    return client
+
+
 def _units_per_second(timestamp: float) -> float:
     # GemstoneID timestamps are milliseconds since an epoch in rusticai-core 1.4; seconds
     # would be far smaller numbers. Either way the window is LAG_S of real time.
@@ -189,19 +251,51 @@ _sweeping = threading.local()
 _sweep_lock = threading.Lock()
 
 
-def _sweep_quietly(manager: Any) -> None:
-    """One sweep; a failure (Redis away) marks the manager dirty, so the next live delivery sweeps first."""
+def _sweep_quietly(manager: Any) -> int:
+    """One sweep, how many messages it queued; a failure (Redis away) marks the manager dirty,
+    so the next live delivery sweeps first."""
     with _sweep_lock:
         _sweeping.active = True
         try:
             if queued := _sweep_once(manager):
                 log.warning("queued %d messages the live feed had missed (a reconnect)", queued)
             manager.__dict__["_rk8s_dirty"] = False
+            return queued
         except Exception as exc:  # noqa: BLE001 - Redis away: the next sweep tries again
             manager.__dict__["_rk8s_dirty"] = True
             log.debug("backlog sweep failed: %s", exc)
+            return 0
         finally:
             _sweeping.active = False
+
+
+def _revive_feed(manager: Any) -> None:
+    """Restarts the pub/sub reader thread when it died, on the same PubSub object.
+
+    redis-py's reader gives up on a connection error it cannot retry away (a Redis restart)
+    and its thread ends; the library notices only at its next health check (every 10 s by
+    default) and then reconnects with a backoff from 1 s. Until then only these sweeps
+    deliver, and what is published meanwhile exists only in Redis's store. A new reader on
+    the same PubSub reconnects at its first read, and redis-py's ``on_connect`` subscribes it
+    to the same channels again (marking the manager dirty, see `_watch_reconnects`).
+    """
+    with manager.lock:
+        thread, pubsub = manager.redis_thread, manager.pubsub
+        if thread is None or pubsub is None or thread.is_alive() or manager.shutdown_event.is_set():
+            return
+        if manager.reconnection_active:
+            return  # the library's own reconnect is under way: it builds a new reader
+        sleep_time = manager.config.pubsub_poll_sleep_time if manager.config else 0.01
+        manager.redis_thread = pubsub.run_in_thread(sleep_time=sleep_time, daemon=True)
+    manager.__dict__["_rk8s_dirty"] = True  # whatever the dead reader missed is swept before the next live one
+    log.warning("the pub/sub reader had died (Redis went away); started it again")
+
+
+def _feed_down(manager: Any) -> bool:
+    """The pub/sub connection has no socket: redis-py is between a drop and its reconnect."""
+    pubsub = manager.pubsub
+    connection = getattr(pubsub, "connection", None) if pubsub is not None else None
+    return pubsub is None or connection is None or getattr(connection, "_sock", None) is None
 
 
 def _watch_reconnects(manager: Any) -> None:
@@ -211,16 +305,48 @@ def _watch_reconnects(manager: Any) -> None:
     if pubsub is None:
         return
     resubscribe = pubsub.on_connect
-    connects = [0]
 
     def on_connect(_pubsub: Any, connection: Any) -> None:
+        # Called on every *re*connect only: the first subscribe takes a connection the pool
+        # has already connected, and registers this afterwards. (Counting calls and skipping
+        # the first, as this did before, missed the first reconnect of every connection.)
+        # Channels already known mean a reconnect either way.
+        reconnect = bool(_pubsub.channels or _pubsub.patterns)
+        connection.retry = _reader_retry()
         resubscribe(connection)
-        connects[0] += 1
-        if connects[0] > 1:
+        if reconnect:
             manager.__dict__["_rk8s_dirty"] = True
 
     # Bound (redis-py keeps a WeakMethod of it), and set before the first subscribe registers it.
     pubsub.on_connect = types.MethodType(on_connect, pubsub)
+
+
+READER_RETRY_S = 0.05  # the pub/sub reader's reconnect interval while Redis is away
+READER_RETRIES = 100  # ... then it gives up (as redis-py's default does, after ~5 s) and `_revive_feed` restarts it
+
+
+def _reader_retry() -> Any:
+    """A constant, short reconnect interval for the pub/sub reader's connection.
+
+    redis-py's default backs off exponentially with jitter up to 1 s a try, so the live feed
+    comes back up to a second or more after Redis does (measured: 0.6–3 s after a 1 s
+    restart); meanwhile only the sweeps deliver, and what is published exists only in
+    Redis's store. The bound keeps a command on this connection (it returns to the client's
+    pool when the reader closes) from retrying longer than the default would.
+    """
+    from redis.backoff import ConstantBackoff
+
+    return _ReaderRetry(ConstantBackoff(READER_RETRY_S), READER_RETRIES)
+
+
+try:
+    from redis.retry import Retry as _Retry
+except ImportError:  # no redis-py: install() finds no rusticai-redis either
+    _Retry = object
+
+
+class _ReaderRetry(_Retry):  # type: ignore[misc, valid-type]
+    """Marks a connection whose retry policy is already the reader's."""
 
 
 def _start_sweeper(manager: Any) -> None:
@@ -232,8 +358,16 @@ def _start_sweeper(manager: Any) -> None:
         return
 
     def sweep() -> None:
-        while not manager.shutdown_event.wait(SWEEP_S):
-            _sweep_quietly(manager)
+        delay = SWEEP_S
+        while not manager.shutdown_event.wait(delay):
+            queued = _sweep_quietly(manager)
+            if not manager.__dict__.get("_rk8s_dirty"):  # Redis answers: the live feed should too
+                _revive_feed(manager)
+            # While Redis is away or the live feed is not back (it missed what this sweep found,
+            # or its socket is gone), what is published now exists only in Redis's store: a Redis
+            # restarted empty again would take it with it. Look again soon.
+            trouble = queued or manager.__dict__.get("_rk8s_dirty") or _feed_down(manager)
+            delay = SWEEP_FAST_S if trouble else SWEEP_S
 
     thread = threading.Thread(target=sweep, name="rk8s-backlog-sweep", daemon=True)
     manager.__dict__["_rk8s_sweeper"] = thread
