@@ -131,7 +131,10 @@ def _launch_once(backend: _Backend, i: int) -> dict[str, Any]:
     finally:
         with contextlib.suppress(Exception):
             guild.remove_agent(spec.id)
-        guild.shutdown()
+        # rusticai-ray 1.4's RayExecutionEngine.shutdown() calls ray.shutdown(): the next
+        # Guild would find no Ray. Its agent is removed above; the runtime stays for the run.
+        if backend.key != "ray":
+            guild.shutdown()
         probe.close()
 
 
