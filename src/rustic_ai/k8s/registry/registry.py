@@ -65,7 +65,7 @@ class Kept:
     """What the keeper script found (and did) for one agent; see scripts.KEEP_AGENTS."""
 
     key: AgentKey
-    status: str  # running, gone, queued, host_alive, no_adopter, missing or pushed
+    status: str  # running, gone, unknown, queued, host_alive, no_adopter, missing or pushed
     owner: str = ""  # running: the host whose record it is
     restored: bool = False  # its desired entry was lost with Redis's data and is written back
 

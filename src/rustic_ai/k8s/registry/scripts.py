@@ -536,7 +536,8 @@ return 1
 # condition is re-checked here, in the step that pushes, so a caller that paused between
 # rounds cannot queue an agent that came back meanwhile.
 # Returns {epoch, wait ms, then per agent: status, owner}; status is running (owner = its
-# host), gone (desired cleared while Redis kept its data: stopped elsewhere), queued, host_alive
+# host), gone (desired cleared while Redis kept its data: stopped elsewhere), unknown (no desired
+# entry and no epoch seen before: nothing done), queued, host_alive
 # (its host re-registers it at its next renewal), no_adopter, missing, pushed; plus
 # restored_ when the desired entry was written back.
 KEEP_AGENTS = """
@@ -573,6 +574,8 @@ for i = 0, n - 1 do
     if lost_data then
       redis.call('HSET', desired_key, agent_id, request)
       prefix = 'restored_'
+    elseif ARGV[2] == '' then
+      status = 'unknown'  -- no epoch seen yet: lost or stopped, nobody can tell; left alone
     else
       status = 'gone'
     end
