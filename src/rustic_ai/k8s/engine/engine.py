@@ -412,14 +412,15 @@ class AsyncK8sEngine:
         # the copy while it stays desired would let a host that adopts it later resurrect it,
         # so a failure here fails the stop (RegistryUnavailableError: retry) before anything
         # is stopped.
-        # Forgotten first: a keeper round under way that writes the desired entry back (Redis
-        # lost it) sees the agent is not wanted any more and clears it again (engine/keeper.py).
-        popped = self._owned.pop(key, None), self._requests.pop(key, None)
+        # The keeper forgets it even before that: a keeper round under way that writes the
+        # entry back (Redis lost it) then sees it is not kept any more and clears it again.
+        host, request = self._owned.pop(key, None), self._requests.pop(key, None)
         try:
             await self.registry.clear_desired(key)
         except BaseException:
-            if popped[0] is not None and popped[1] is not None and key not in self._owned:
-                self._owned[key], self._requests[key] = popped  # the stop failed: still ours to keep
+            if host is not None and request is not None:  # the stop failed: still ours to keep
+                self._owned.setdefault(key, host)
+                self._requests.setdefault(key, request)
             raise
         record = await self.registry.get_agent(key)
         if record is None or not record.host:
