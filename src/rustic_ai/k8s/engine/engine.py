@@ -117,7 +117,7 @@ class AsyncK8sEngine:
         self._requests: dict[AgentKey, LaunchRequest] = {}  # ... and what it asked for (the keeper's copy)
         self.keeper = Keeper(self.registry, interval_s=self.settings.keeper_interval_s, owned=self._kept,
                              wanted=self._owned.__contains__, moved=self._owned.__setitem__,
-                             gone=self._forget)
+                             gone=self._forget, on_action=lambda action: self.metrics.kept.labels(action).inc())
         self._keeper_task: asyncio.Task[None] | None = None
         self._heard_from: dict[str, float] = {}  # host -> monotonic time of its last good answer
         self._probes: dict[str, asyncio.Future] = {}  # host -> the Health probe under way

@@ -41,12 +41,13 @@ class Keeper:
         wanted: Callable[[AgentKey], bool],
         moved: Callable[[AgentKey, str], None],
         gone: Callable[[AgentKey], None],
+        on_action: Callable[[str], None] = lambda action: None,
     ) -> None:
         """``owned``: (request, host) of each agent the engine launched and has not stopped;
         ``wanted(key)``: still owned now (a stop forgets the agent before it clears its desired
         state); ``moved(key, host)``: the agent's record names another host now (it was adopted);
         ``gone(key)``: its desired state was cleared while Redis kept its data (stopped by
-        someone else): the engine forgets it."""
+        someone else): the engine forgets it. ``on_action("restored" | "queued")``: for metrics."""
         self._registry = registry
         self.interval_s = interval_s
         self.round_timeout_s = max(2.0, 2 * interval_s)
@@ -54,6 +55,7 @@ class Keeper:
         self._wanted = wanted
         self._moved = moved
         self._gone = gone
+        self._on_action = on_action
         self.epoch = ""  # Redis's data epoch as of the last round ("" before the first)
         self.queued = 0  # agents this keeper put on the orphan queue
         self.restored = 0  # desired entries it wrote back
@@ -97,6 +99,7 @@ class Keeper:
                     await self._registry.clear_desired(kept.key)
                     continue
                 self.restored += 1
+                self._on_action("restored")
                 log.warning("desired state of %s was lost with Redis's data; written back", kept.key)
             if kept.status == "running" and kept.owner and kept.owner != hosts.get(kept.key):
                 self._moved(kept.key, kept.owner)
@@ -105,5 +108,6 @@ class Keeper:
                 self._gone(kept.key)
             elif kept.status == "pushed":
                 self.queued += 1
+                self._on_action("queued")
                 log.warning("%s has had no record nor a host for %.1f s (its host died while Redis had lost "
                             "its data); queued for adoption", kept.key, result.wait_s)
