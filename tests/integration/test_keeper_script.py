@@ -8,12 +8,13 @@ here read Redis itself (the orphan queue, the desired hash), not what the script
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 
 from rustic_ai.k8s.base.models import AgentKey, LaunchRequest
-from rustic_ai.k8s.engine.keeper import Keeper
+from rustic_ai.k8s.engine.keeper import MAX_PUSHES, Keeper
 from rustic_ai.k8s.registry import LocationRegistry
 from support.eventually import eventually
 from support.registry_records import beat, rec
@@ -85,6 +86,20 @@ async def test_an_agent_missing_past_the_lease_is_queued_once(registry):
     assert by_id["a"].status == "queued"
     assert await queued(registry) == []
     assert await registry.redis.lrange(registry.keys.host_adopting("h2:1"), 0, -1) == [member]
+
+
+async def test_an_agent_the_keeper_gave_up_on_is_not_queued(registry):
+    await registry.set_desired(request("a"))
+    await beat(registry, "h2:1")
+    _, by_id = await keep(registry, [(request("a"), "h1:1")])
+    assert by_id["a"].status == "missing"
+    await asyncio.sleep(LEASE_S + 0.1)  # past the wait, so only no_push keeps it off the queue
+    await beat(registry, "h2:1")
+    epoch = await registry.redis.get(registry.keys.epoch)
+    result = await registry.keep_agents([(request("a"), "h1:1")], epoch, fallback_lease_s=60, margin_s=0,
+                                        no_push=[AgentKey("g", "a")])
+    assert result.agents[0].status == "missing"
+    assert await queued(registry) == []
 
 
 async def test_not_queued_while_its_host_has_a_lease_or_nobody_could_adopt_it(registry):
@@ -160,3 +175,24 @@ async def test_a_stop_during_a_round_that_writes_desired_state_back_wins(registr
     await keeper.round()
     assert await registry.desired("g") == {}
     assert keeper.restored == 0 and await queued(registry) == []
+
+
+async def test_an_orphan_adopters_keep_dropping_is_queued_a_few_times_only(registry):
+    """An adopter drops an orphan it cannot launch (a class that does not import): the keeper
+    queues it again, but not for ever."""
+    await registry.set_desired(request("a"))
+    keeper = Keeper(registry, interval_s=1.0, owned=lambda: [(request("a"), "h1:1")], wanted=lambda key: True,
+                    moved=lambda key, host: None, gone=lambda key: None)
+
+    async def dropped_again() -> bool:
+        await beat(registry, "h2:1")
+        await keeper.round()
+        taken = await registry.pop_orphans(8, "h2:1")
+        await registry.ack_orphans(taken, "h2:1")  # as the reconciler does with a PermanentError
+        return keeper.queued >= MAX_PUSHES
+
+    await eventually(dropped_again, timeout=10, interval=0.05, what=f"{MAX_PUSHES} pushes")
+    await asyncio.sleep(2 * LEASE_S)  # long past the wait again
+    await beat(registry, "h2:1")
+    await keeper.round()
+    assert keeper.queued == MAX_PUSHES and await queued(registry) == []

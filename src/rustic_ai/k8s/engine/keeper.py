@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 BATCH = 200  # agents per script run: a big engine's round does not hold Redis for long
 MARGIN_S = 0.5  # beyond the lease: clock-rate differences and the agents' own exit (they die before it anyway)
 FALLBACK_LEASE_S = 5.0  # the hosts' default lease, for hosts that do not record theirs
+# Queued this many times without ever being seen running again, an agent is not queued any
+# more: adopters drop an orphan that cannot be launched (bad class, refused module), and
+# queueing it every few seconds for ever would only repeat the failure.
+MAX_PUSHES = 3
 
 
 class Keeper:
@@ -59,6 +63,7 @@ class Keeper:
         self.epoch = ""  # Redis's data epoch as of the last round ("" before the first)
         self.queued = 0  # agents this keeper put on the orphan queue
         self.restored = 0  # desired entries it wrote back
+        self._pushes: dict[AgentKey, int] = {}  # queued since last seen running
 
     async def run(self) -> None:
         while True:
@@ -75,14 +80,17 @@ class Keeper:
 
     async def round(self) -> list[KeepRound]:
         wanted = list(self._owned())
+        keys = {r.key for r, _ in wanted}
+        self._pushes = {k: n for k, n in self._pushes.items() if k in keys}  # stopped agents' counts go
         epoch = self.epoch
         rounds = []
         # At least one call: with nothing to keep it still learns the epoch, so a wipe before
         # the first launch is noticed. Every batch compares with the same epoch.
         for i in range(0, max(len(wanted), 1), BATCH):
             batch = wanted[i:i + BATCH]
+            spent = [r.key for r, _ in batch if self._pushes.get(r.key, 0) >= MAX_PUSHES]
             result = await self._registry.keep_agents(batch, epoch, fallback_lease_s=FALLBACK_LEASE_S,
-                                                      margin_s=MARGIN_S)
+                                                      margin_s=MARGIN_S, no_push=spent)
             rounds.append(result)
             await self._note(result, {r.key: h for r, h in batch})
         if epoch and rounds[0].epoch != epoch:
@@ -101,13 +109,18 @@ class Keeper:
                 self.restored += 1
                 self._on_action("restored")
                 log.warning("desired state of %s was lost with Redis's data; written back", kept.key)
-            if kept.status == "running" and kept.owner and kept.owner != hosts.get(kept.key):
-                self._moved(kept.key, kept.owner)
+            if kept.status == "running":
+                self._pushes.pop(kept.key, None)
+                if kept.owner and kept.owner != hosts.get(kept.key):
+                    self._moved(kept.key, kept.owner)
             elif kept.status == "gone":
                 log.info("%s is no longer desired (stopped elsewhere); no longer kept", kept.key)
+                self._pushes.pop(kept.key, None)
                 self._gone(kept.key)
             elif kept.status == "pushed":
                 self.queued += 1
                 self._on_action("queued")
+                n = self._pushes[kept.key] = self._pushes.get(kept.key, 0) + 1
                 log.warning("%s has had no record nor a host for %.1f s (its host died while Redis had lost "
-                            "its data); queued for adoption", kept.key, result.wait_s)
+                            "its data); queued for adoption%s", kept.key, result.wait_s,
+                            "" if n < MAX_PUSHES else f" (the last time: queued {n} times, never seen running)")

@@ -517,22 +517,23 @@ class LocationRegistry:
             return None
 
     async def keep_agents(self, wanted: Sequence[tuple[LaunchRequest, str]], epoch: str, *,
-                          fallback_lease_s: float, margin_s: float) -> KeepRound:
+                          fallback_lease_s: float, margin_s: float, no_push: Iterable[AgentKey] = ()) -> KeepRound:
         """One keeper round for agents an engine launched: (request, host it last ran on) each.
 
         Writes back desired entries Redis lost with its data (the epoch changed since ``epoch``;
         "" = first round: nothing is written back), and queues agents that have had no record,
         no queue entry and no host with a lease for longer than the hosts' lease (each host
         records its own; ``fallback_lease_s`` when none does) plus ``margin_s``, measured on
-        Redis's clock. One round trip (scripts.KEEP_AGENTS)."""
+        Redis's clock; never those in ``no_push``. One round trip (scripts.KEEP_AGENTS)."""
         k = self.keys
         keys = [k.epoch, k.orphans, k.hosts, k.keeper_missing]
         args: list[Any] = [uuid.uuid4().hex, epoch, f"{k.prefix}:host:", int(fallback_lease_s * 1000),
                            int(margin_s * 1000)]
+        held = set(no_push)
         for request, host in wanted:
             key = request.key
             keys += [k.agent(key), k.desired(key.guild_id), k.host(host)]
-            args += [k.member(key), key.agent_id, request.model_dump_json()]
+            args += [k.member(key), key.agent_id, request.model_dump_json(), "0" if key in held else "1"]
         async with self._guard("keep_agents"):
             res = await self._keep(keys=keys, args=args)
         agents = []

@@ -524,7 +524,7 @@ return 1
 # KEYS: epoch string, orphans list, hosts set, keeper's missing-since hash, then per agent:
 #       agent hash, guild's desired-state hash, hash of the host the engine last saw it on
 # ARGV: candidate epoch, epoch the engine last saw ("" = none yet), host key prefix, fallback
-#       lease ms, margin ms, then per agent: member, agent id, LaunchRequest JSON
+#       lease ms, margin ms, then per agent: member, agent id, LaunchRequest JSON, may push ("1"/"0")
 # The engine's keeper (engine/keeper.py): puts back what only the engine that launched an agent
 # still knows after Redis lost its data. ``epoch`` is a random id the first keeper writes; a
 # different (or no) epoch than the caller last saw means Redis lost everything since, so a
@@ -568,7 +568,7 @@ local out = {epoch, tostring(wait_ms)}
 local n = (#KEYS - 4) / 3
 for i = 0, n - 1 do
   local agent_key, desired_key, host_key = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
-  local member, agent_id, request = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
+  local member, agent_id, request, may_push = ARGV[6 + i * 4], ARGV[7 + i * 4], ARGV[8 + i * 4], ARGV[9 + i * 4]
   local status, owner, prefix = '', '', ''
   if redis.call('HEXISTS', desired_key, agent_id) == 0 then
     if lost_data then
@@ -595,7 +595,7 @@ for i = 0, n - 1 do
       if not since then
         redis.call('HSET', KEYS[4], member, now_ms)
         status = 'missing'
-      elseif now_ms - since > wait_ms then
+      elseif now_ms - since > wait_ms and may_push == '1' then
         redis.call('RPUSH', KEYS[2], member)
         status = 'pushed'
       else
