@@ -196,6 +196,28 @@ async def test_redis_restarted(keep_data):
         await judge(fleet, held=AGENTS)
 
 
+async def test_host_sigkilled_after_redis_restarted_empty_before_it_renewed():
+    """Redis comes back empty and a host dies before its first renewal: nobody but the engine
+    knows its agents existed (their records, their desired state and the host's own entry went
+    with the data). The engine that launched them puts them back: every agent runs again,
+    once, within 10 s."""
+    async with fleet_under_traffic(hosts=3) as fleet:
+        victim = fleet.host_of("l0")
+        doomed = [a for a in AGENTS if fleet.host_of(a) is victim]
+        with fleet.checker.fault("host SIGKILL just after Redis restarted empty"):
+            with contextlib.ExitStack() as frozen:
+                with faults.redis_down(fleet.redis, keep_data=False):
+                    await asyncio.sleep(1.0)
+                    # Frozen as Redis comes back, so it cannot renew before it dies (its first
+                    # renewal would re-register its agents, and then the reaper would have them).
+                    frozen.enter_context(faults.paused(victim.process.pid))
+                await asyncio.sleep(0.2)
+                victim.process.kill()
+            await eventually(lambda: not any(fleet.live_pids(a) for a in doomed), timeout=5,
+                             what="the killed host's agents gone")
+        await judge(fleet, max_twice=CRASH)
+
+
 @pytest.mark.parametrize("when", ["just-before", "while-down", "just-after"])
 async def test_agent_sigkill_during_a_redis_restart_empty(when):
     """An agent dies within a second of Redis restarting empty. Before: its next copy starts

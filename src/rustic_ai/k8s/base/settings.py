@@ -390,6 +390,12 @@ class EngineSettings(_RedisSettings):
         "Deadline of the Health probe sent before a launch to a host not heard from lately (frozen or "
         "partitioned hosts are skipped after this long instead of after the launch deadline).",
     )
+    keeper_interval_s: float = _field(
+        1.0, ENGINE_PREFIX + "KEEPER_INTERVAL_S",
+        "Seconds between the engine's checks that the agents it launched are still known to Redis: desired state "
+        "Redis lost is written back, and an agent left with no record and no host (its host died before "
+        "re-registering it after Redis lost its data) is queued for adoption after the hosts' lease; 0 = off.",
+    )
     max_restarts: int = _field(
         -1, ENGINE_PREFIX + "MAX_RESTARTS",
         "Restarts of a crashed agent allowed per window for agents this engine launches; -1 = the host's default.",
@@ -453,6 +459,7 @@ class EngineSettings(_RedisSettings):
         self._require(self.discovery != "dns" or bool(self.dns_name), "dns_name", "dns discovery needs a name")
         self._require(0 < self.dns_port < 65536, "dns_port", "must be a TCP port")
         self._require(self.dns_refresh_s > 0, "dns_refresh_s", "must be positive")
+        self._require(self.keeper_interval_s >= 0, "keeper_interval_s", "must not be negative (0 = off)")
         self._require(self.k8s_watch_timeout_s >= 1, "k8s_watch_timeout_s", "must be at least 1")
         self._require(self.k8s_backoff_initial_s > 0, "k8s_backoff_initial_s", "must be positive")
         self._require(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -57,6 +58,7 @@ from ..placement.factory import discovery_from_settings
 from ..protocol import ChannelPool
 from ..protocol.tls import ReloadingChannelCredentials
 from ..registry import LocationRegistry
+from .keeper import Keeper
 from .metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,11 @@ class AsyncK8sEngine:
         self.default_placement = PlacementPolicy(
             selector=parse_labels(self.settings.selector, "RUSTIC_K8S_SELECTOR"), affinity=self.settings.affinity)
         self._owned: dict[AgentKey, str] = {}  # agents this engine launched -> host
+        self._requests: dict[AgentKey, LaunchRequest] = {}  # ... and what it asked for (the keeper's copy)
+        self.keeper = Keeper(self.registry, interval_s=self.settings.keeper_interval_s, owned=self._kept,
+                             wanted=self._owned.__contains__, moved=self._owned.__setitem__,
+                             gone=self._forget, on_action=lambda action: self.metrics.kept.labels(action).inc())
+        self._keeper_task: asyncio.Task[None] | None = None
         self._heard_from: dict[str, float] = {}  # host -> monotonic time of its last good answer
         self._probes: dict[str, asyncio.Future] = {}  # host -> the Health probe under way
         self._started = False
@@ -125,6 +132,8 @@ class AsyncK8sEngine:
         self._started = True
         await self.registry.start()
         await self.discovery.start()
+        if self.settings.keeper_interval_s > 0:
+            self._keeper_task = asyncio.create_task(self.keeper.run(), name="rk8s-engine-keeper")
 
     async def shutdown(self) -> None:
         """Stops owned agents (if configured), then closes channels and clients. Idempotent."""
@@ -147,6 +156,11 @@ class AsyncK8sEngine:
         await self._close_clients()
 
     async def _close_clients(self) -> None:
+        task, self._keeper_task = self._keeper_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.pool.close()
         await self.discovery.close()
         await self.registry.close()
@@ -245,6 +259,7 @@ class AsyncK8sEngine:
         self.metrics.launches.labels("ok").inc()
         self.metrics.launch_seconds.observe(time.monotonic() - began)
         self._owned[key] = record.host
+        self._requests[key] = request
         return record
 
     async def launch_many(self, requests: Sequence[LaunchRequest]) -> list[AgentRecord | BaseException]:
@@ -397,8 +412,16 @@ class AsyncK8sEngine:
         # the copy while it stays desired would let a host that adopts it later resurrect it,
         # so a failure here fails the stop (RegistryUnavailableError: retry) before anything
         # is stopped.
-        await self.registry.clear_desired(key)
-        self._owned.pop(key, None)
+        # The keeper forgets it even before that: a keeper round under way that writes the
+        # entry back (Redis lost it) then sees it is not kept any more and clears it again.
+        host, request = self._owned.pop(key, None), self._requests.pop(key, None)
+        try:
+            await self.registry.clear_desired(key)
+        except BaseException:
+            if host is not None and request is not None:  # the stop failed: still ours to keep
+                self._owned.setdefault(key, host)
+                self._requests.setdefault(key, request)
+            raise
         record = await self.registry.get_agent(key)
         if record is None or not record.host:
             log.info("stop_agent: %s is not registered; nothing to stop", key)
@@ -441,6 +464,13 @@ class AsyncK8sEngine:
             if not keys:
                 return
             await self.stop_all(sorted(keys, key=str))
+
+    def _kept(self) -> list[tuple[LaunchRequest, str]]:
+        return [(self._requests[k], host) for k, host in self._owned.items() if k in self._requests]
+
+    def _forget(self, key: AgentKey) -> None:
+        self._owned.pop(key, None)
+        self._requests.pop(key, None)
 
     async def _forget_desired(self, key: AgentKey) -> None:
         try:

@@ -36,6 +36,9 @@ class EngineMetrics:
         self.placements = Counter(PREFIX + "placements", "Agents placed, by the host that took them.", ["host"],
                                   registry=r)
         self.stops = Counter(PREFIX + "stops", "stop_agent calls that reached a host.", registry=r)
+        self.kept = Counter(PREFIX + "keeper_actions", "What the keeper did for agents Redis had lost: restored "
+                            "(desired state written back) or queued (put on the orphan queue for adoption).", ["action"],
+                            registry=r)
 
     def observe_call(self, address: str, method: str, code: str, seconds: float) -> None:
         """ChannelPool's hook (protocol/client.py ``observer``)."""

@@ -16,6 +16,10 @@ cannot make two keys collide):
     p:guild:{guild}:agents       SET   agent ids of the guild (membership without SCAN)
     p:desired:{guild}            HASH  agent id -> LaunchRequest JSON the engine wants running
     p:orphans                    LIST  "guild\x1fagent" members to place again (dead or draining host)
+    p:epoch                      STRING a random id the first engine keeper writes: a different one (or none)
+                                       means Redis lost its data since (engine/keeper.py)
+    p:keeper:missing             HASH  "guild\x1fagent" -> Redis ms when a keeper first found an agent it
+                                       launched with no record, not queued and its host without a lease
     p:unplaced                   HASH  "guild\x1fagent" -> JSON {reason, host, at}: a wanted agent no host could
                                        fit when it was to be placed again; cleared by its claim or its stop
 
@@ -89,6 +93,14 @@ class Keys:
     @property
     def orphans(self) -> str:
         return f"{self.prefix}:orphans"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    @property
+    def keeper_missing(self) -> str:
+        return f"{self.prefix}:keeper:missing"
 
     def desired(self, guild_id: str) -> str:
         return f"{self.prefix}:desired:{_enc(guild_id)}"

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Self
 
@@ -57,6 +58,23 @@ class ClaimResult:
     reason: str = ""  # why not ok: OWNED_ELSEWHERE, NOT_DESIRED or SHORT
     allocation: str = ""  # ok: what the agent holds on the host (Allocation JSON; "" = a slot only)
     short: tuple[str, int, int] | None = None  # SHORT: (resource, needed, largest free), resources.py units
+
+
+@dataclasses.dataclass(frozen=True)
+class Kept:
+    """What the keeper script found (and did) for one agent; see scripts.KEEP_AGENTS."""
+
+    key: AgentKey
+    status: str  # running, gone, unknown, queued, host_alive, no_adopter, missing or pushed
+    owner: str = ""  # running: the host whose record it is
+    restored: bool = False  # its desired entry was lost with Redis's data and is written back
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepRound:
+    epoch: str  # the data's epoch now: pass it to the next round
+    wait_s: float  # how long an agent must stay missing before it is queued (the hosts' lease + margin)
+    agents: list[Kept]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +213,7 @@ class LocationRegistry:
         self._hand_off = r.register_script(scripts.HAND_OFF_AGENT)
         self._set_host_state = r.register_script(scripts.SET_HOST_STATE)
         self._report_unplaced = r.register_script(scripts.REPORT_UNPLACED)
+        self._keep = r.register_script(scripts.KEEP_AGENTS)
 
     async def close(self) -> None:
         r, self._redis = self._redis, None
@@ -338,6 +357,7 @@ class LocationRegistry:
             "renewed_at": repr(time.time()),
             "inventory": host.inventory.to_json(),
             "labels": json.dumps(host.labels, sort_keys=True),
+            "lease_ms": str(self.host_ttl_ms),  # engines' keepers wait this long before re-queueing (KEEP_AGENTS)
         }
         flat = [item for pair in fields.items() for item in pair]
         async with self._guard("heartbeat"):
@@ -495,6 +515,33 @@ class LocationRegistry:
         except ValueError:
             log.warning("desired state of %s is not a valid launch request; ignored", key)
             return None
+
+    async def keep_agents(self, wanted: Sequence[tuple[LaunchRequest, str]], epoch: str, *,
+                          fallback_lease_s: float, margin_s: float, no_push: Iterable[AgentKey] = ()) -> KeepRound:
+        """One keeper round for agents an engine launched: (request, host it last ran on) each.
+
+        Writes back desired entries Redis lost with its data (the epoch changed since ``epoch``;
+        "" = first round: nothing is written back), and queues agents that have had no record,
+        no queue entry and no host with a lease for longer than the hosts' lease (each host
+        records its own; ``fallback_lease_s`` when none does) plus ``margin_s``, measured on
+        Redis's clock; never those in ``no_push``. One round trip (scripts.KEEP_AGENTS)."""
+        k = self.keys
+        keys = [k.epoch, k.orphans, k.hosts, k.keeper_missing]
+        args: list[Any] = [uuid.uuid4().hex, epoch, f"{k.prefix}:host:", int(fallback_lease_s * 1000),
+                           int(margin_s * 1000)]
+        held = set(no_push)
+        for request, host in wanted:
+            key = request.key
+            keys += [k.agent(key), k.desired(key.guild_id), k.host(host)]
+            args += [k.member(key), key.agent_id, request.model_dump_json(), "0" if key in held else "1"]
+        async with self._guard("keep_agents"):
+            res = await self._keep(keys=keys, args=args)
+        agents = []
+        for i, (request, _host) in enumerate(wanted):
+            status, owner = res[2 + 2 * i], res[3 + 2 * i]
+            restored = status.startswith("restored_")
+            agents.append(Kept(request.key, status.removeprefix("restored_"), owner or "", restored))
+        return KeepRound(str(res[0]), int(res[1]) / 1000, agents)
 
     # -- orphans: agents to place again ------------------------------------------------------
 

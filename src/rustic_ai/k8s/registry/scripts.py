@@ -520,3 +520,92 @@ end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
+
+# KEYS: epoch string, orphans list, hosts set, keeper's missing-since hash, then per agent:
+#       agent hash, guild's desired-state hash, hash of the host the engine last saw it on
+# ARGV: candidate epoch, epoch the engine last saw ("" = none yet), host key prefix, fallback
+#       lease ms, margin ms, then per agent: member, agent id, LaunchRequest JSON, may push ("1"/"0")
+# The engine's keeper (engine/keeper.py): puts back what only the engine that launched an agent
+# still knows after Redis lost its data. ``epoch`` is a random id the first keeper writes; a
+# different (or no) epoch than the caller last saw means Redis lost everything since, so a
+# missing desired entry was lost, not cleared by a stop: it is written back. An agent with no
+# record, not queued, whose last known host has no lease, while some other host has one (so
+# a hold every host shares is over, and someone can adopt it), is noted missing on Redis's own
+# clock; still so more than the hosts' lease (+ margin) later, it is pushed onto the orphan
+# queue — no copy of it can be alive by then (docs/architecture.md, "Fencing"). Every
+# condition is re-checked here, in the step that pushes, so a caller that paused between
+# rounds cannot queue an agent that came back meanwhile.
+# Returns {epoch, wait ms, then per agent: status, owner}; status is running (owner = its
+# host), gone (desired cleared while Redis kept its data: stopped elsewhere), unknown (no desired
+# entry and no epoch seen before: nothing done), queued, host_alive
+# (its host re-registers it at its next renewal), no_adopter, missing, pushed; plus
+# restored_ when the desired entry was written back.
+KEEP_AGENTS = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+local lost_data = ARGV[2] ~= '' and epoch ~= ARGV[2]
+local queued = {}
+for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do queued[m] = true end
+local live, nlive, lease_ms = {}, 0, 0
+for _, addr in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local enc = string.gsub(addr, '([^%w%-%._~])', function(c) return string.format('%%%02X', string.byte(c)) end)
+  local key = ARGV[3] .. enc
+  for _, m in ipairs(redis.call('LRANGE', key .. ':adopting', 0, -1)) do queued[m] = true end
+  if redis.call('EXISTS', key) == 1 then
+    live[key] = true
+    nlive = nlive + 1
+    lease_ms = math.max(lease_ms, tonumber(redis.call('HGET', key, 'lease_ms') or '0') or 0)
+  end
+end
+if lease_ms == 0 then lease_ms = tonumber(ARGV[4]) end
+local wait_ms = lease_ms + tonumber(ARGV[5])
+local out = {epoch, tostring(wait_ms)}
+local n = (#KEYS - 4) / 3
+for i = 0, n - 1 do
+  local agent_key, desired_key, host_key = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
+  local member, agent_id, request, may_push = ARGV[6 + i * 4], ARGV[7 + i * 4], ARGV[8 + i * 4], ARGV[9 + i * 4]
+  local status, owner, prefix = '', '', ''
+  if redis.call('HEXISTS', desired_key, agent_id) == 0 then
+    if lost_data then
+      redis.call('HSET', desired_key, agent_id, request)
+      prefix = 'restored_'
+    elseif ARGV[2] == '' then
+      status = 'unknown'  -- no epoch seen yet: lost or stopped, nobody can tell; left alone
+    else
+      status = 'gone'
+    end
+  end
+  if status == '' then
+    owner = redis.call('HGET', agent_key, 'host') or ''
+    if owner ~= '' then
+      status = 'running'
+    elseif queued[member] then
+      status = 'queued'
+    elseif live[host_key] then
+      status = 'host_alive'
+    elseif nlive == 0 then
+      status = 'no_adopter'
+    else
+      local since = tonumber(redis.call('HGET', KEYS[4], member) or '')
+      if not since then
+        redis.call('HSET', KEYS[4], member, now_ms)
+        status = 'missing'
+      elseif now_ms - since > wait_ms and may_push == '1' then
+        redis.call('RPUSH', KEYS[2], member)
+        status = 'pushed'
+      else
+        status = 'missing'
+      end
+    end
+  end
+  if status ~= 'missing' then redis.call('HDEL', KEYS[4], member) end
+  table.insert(out, prefix .. status)
+  table.insert(out, owner)
+end
+return out
+"""
