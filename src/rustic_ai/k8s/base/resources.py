@@ -58,6 +58,15 @@ def fmt(amount_milli: int) -> str:
     return f"{amount_milli / MILLI:g}"
 
 
+def _json_object(text: str) -> dict:
+    """A registry field's JSON object; {} for empty or unreadable (an older host wrote nothing)."""
+    try:
+        d = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 @dataclasses.dataclass(frozen=True)
 class ResourceRequest:
     cpu: int = 0  # thousandths of a CPU
@@ -132,12 +141,7 @@ class HostInventory:
 
     @classmethod
     def from_json(cls, text: str) -> HostInventory:
-        try:
-            d = json.loads(text) if text else {}
-        except ValueError:
-            d = {}
-        if not isinstance(d, dict):
-            d = {}
+        d = _json_object(text)
         return cls(cpu=int(d.get("cpu") or 0), mem=int(d.get("mem") or 0),
                    gpus=tuple(str(g) for g in d.get("gpus") or ()),
                    custom={str(k): int(v) for k, v in (d.get("custom") or {}).items()})
@@ -154,12 +158,7 @@ class Usage:
 
     @classmethod
     def from_json(cls, text: str) -> Usage:
-        try:
-            d = json.loads(text) if text else {}
-        except ValueError:
-            d = {}
-        if not isinstance(d, dict):
-            d = {}
+        d = _json_object(text)
         gpus = d.get("gpu") if isinstance(d.get("gpu"), dict) else {}
         custom = d.get("custom") if isinstance(d.get("custom"), dict) else {}
         return cls(cpu=int(d.get("cpu") or 0), mem=int(d.get("mem") or 0),
