@@ -38,6 +38,8 @@ KEEP_DATA = {"1": True, "0": False}.get(os.environ.get("RUSTIC_K8S_CHAOS_REDIS_K
 KINDS = ["kill_agent", "kill_agent", "sigkill_host", "sigterm_host", "pause_redis", "launch_and_stop",
          *(["restart_redis"] if os.environ.get("RUSTIC_K8S_CHAOS_REDIS_RESTARTS") == "1" else [])]
 
+pytestmark = pytest.mark.serial  # run alone after the rest (scripts/dev test): see test_fault_matrix.py
+
 
 @pytest.mark.timeout(420)
 async def test_chaos_keeps_every_agent_running_exactly_once():
