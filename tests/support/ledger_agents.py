@@ -81,3 +81,21 @@ class LedgerAgent(Agent):
     @agent.processor(JsonDict, lambda me, message: message.topics == "default_topic")
     def on_default_topic(self, ctx: ProcessContext) -> None:
         self._ledger.handle(ctx)
+
+
+HANDLE_SECONDS = 0.2
+
+
+class SlowHandlerLedgerAgent(Agent):
+    """A LedgerAgent that spends HANDLE_SECONDS on each message after recording it, as an agent
+    calling a model or writing elsewhere does: a stop nearly always finds a message in hand, and
+    one cut off there is handled again by the agent's next copy."""
+
+    def __init__(self):
+        self._ledger = Ledger(self.guild_id, self.id)
+
+    @agent.processor(JsonDict, lambda me, message: message.topics == "default_topic")
+    def on_default_topic(self, ctx: ProcessContext) -> None:
+        self._ledger.handle(ctx)
+        if isinstance(ctx.payload.get(SEQ_FIELD), int):
+            time.sleep(HANDLE_SECONDS)  # the rest of the handler's work

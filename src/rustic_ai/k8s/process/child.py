@@ -21,6 +21,8 @@ deadline, so a stalled host never leaves a copy running once another host may ad
 
 Shutdown is SIGTERM (or SIGINT): the handler only sets a flag, the main thread (woken
 through ``signal.set_wakeup_fd``, see ``_StopSignal``) then calls
+``redis_delivery.quiesce`` (no further message is started; the one in hand is finished and
+its position saved, so the next copy does not handle it again), then
 ``AgentWrapper.shutdown()`` (unsubscribe, unregister, close messaging) and exits 0 with
 ``os._exit``, so no leftover messaging thread can hold the exit up. rusticai-core's
 messaging runs its own threads; that is fine here, a child never forks.
@@ -38,6 +40,7 @@ import os
 import select
 import signal
 import sys
+import time
 from typing import Any, NoReturn
 
 from opentelemetry import propagate, trace
@@ -77,6 +80,9 @@ from .control import (
 )
 
 log = logging.getLogger("rustic_ai.k8s.process.child")  # not __main__ under -m
+
+FINISH_MARGIN_S = 0.05  # a fenced stop stops waiting for the message in hand this long before the hard deadline
+FINISH_MAX_S = 30.0  # any other stop waits at most this long (the host's SIGKILL after its stop grace comes first)
 _tracer = trace.get_tracer("rustic_ai.k8s.agent")
 
 
@@ -213,8 +219,9 @@ def run(raw: bytes, control_fd: int, lease_fd: int, *, ready_extra: dict[str, An
         return EXIT_INVALID_SPEC
 
     request = parsed.request
+    delivery_gated = False
     if parsed.messaging_config.backend_module.startswith("rustic_ai.redis."):
-        redis_delivery.install()  # exactly-once gaps of rusticai-redis 1.4 (see redis_delivery.py)
+        delivery_gated = redis_delivery.install()  # exactly-once gaps of rusticai-redis 1.4 (see redis_delivery.py)
     wrapper = ProcessAgentWrapper(
         guild_spec=parsed.guild_spec,
         agent_spec=parsed.agent_spec,
@@ -248,6 +255,13 @@ def run(raw: bytes, control_fd: int, lease_fd: int, *, ready_extra: dict[str, An
 
     stop.wait()
     log.info("agent %s stopping", request.key)
+    # Finish the message in hand (and save its position) before anything else: one cut off half way
+    # is handled again by the next copy. Bounded by the fence's hard deadline when the fence
+    # fired (the kernel timer ends us there anyway), else by FINISH_MAX_S (the host's own
+    # SIGKILL after its stop grace comes first by default).
+    if delivery_gated:
+        left = fence.kill_at - FINISH_MARGIN_S - time.monotonic() if fence.fired and fence.kill_at else FINISH_MAX_S
+        redis_delivery.quiesce(left)
     try:
         wrapper.shutdown()
     except Exception:

@@ -40,6 +40,15 @@ these gaps in it lose or repeat messages under the faults this engine is built t
   thread that gave up (an outage past its retries) waited for the library's health check
   (10 s); the sweeper restarts it as soon as Redis answers.
 
+* **Handled twice after a clean stop.** The library's worker thread goes on taking queued
+  messages while the agent shuts down, and nothing waits for the one in hand: the process
+  exits (or reaches its fence's hard deadline) between the handler's effects and the saved
+  position, and the next copy handles that message again — a stop, a drain or a fence then
+  costs a duplicate, which only a crash should. Fix: a *delivery gate* (`quiesce`): once the
+  agent is asked to stop, no message is started, and the stop waits (bounded) until the one
+  in hand is handled and its position saved. What was queued and not started keeps its
+  position unsaved, so the next copy gets it.
+
 What none of this can save is a message Redis acknowledged and then lost with its data
 before any copy read it (an empty restart right after a copy died): only the publisher
 could send it again. The exactly-once checker counts those apart, on proof
@@ -56,6 +65,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 import types
@@ -149,6 +159,31 @@ def install() -> bool:
         with seen.lock:
             seen.replayed.add(topic)
 
+    def _client_worker_loop(self: Any, client_id: str) -> None:
+        # The library's loop, with the delivery gate around each message: taken from the queue,
+        # a message is only started while the gate is open, and counts as in hand until its
+        # position is saved (or its failure handled), which is what `quiesce` waits for.
+        while not self.shutdown_event.is_set():
+            queue_ = self._client_queues.get(client_id)
+            if queue_ is None:
+                break  # the client unsubscribed from everything
+            try:
+                namespace, topic, handler, message = queue_.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if not _gate.enter():
+                break  # stopping: not started, position not saved — the next copy handles it
+            try:
+                try:
+                    handler(message)
+                    self._save_position(client_id, topic, message.id)
+                except Exception as exc:  # noqa: BLE001 - the library's own failure path (retry, dead letter)
+                    self._handle_delivery_failure(client_id, namespace, topic, message, exc)
+            finally:
+                _gate.leave()
+                queue_.task_done()
+
+    RedisPubSubManager._client_worker_loop = _client_worker_loop
     RedisPubSubManager._enqueue_for_client = _enqueue_for_client
     RedisPubSubManager._save_position = _save_position
     RedisPubSubManager._resubscribe_all = _resubscribe_all
@@ -157,6 +192,49 @@ def install() -> bool:
     RedisPubSubManager._subscribe_internal = _subscribe_internal
     RedisPubSubManager._rk8s_delivery_fixed = True
     return True
+
+
+class _DeliveryGate:
+    """Whether agent code may start on another message, and how many messages are in hand.
+
+    One per process (an agent process runs one agent): `quiesce` closes it for good.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._closed = False
+        self._in_hand = 0
+
+    def enter(self) -> bool:
+        with self._cond:
+            if self._closed:
+                return False
+            self._in_hand += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._in_hand -= 1
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float) -> bool:
+        with self._cond:
+            self._closed = True
+            return self._cond.wait_for(lambda: self._in_hand == 0, max(0.0, timeout_s))
+
+
+_gate = _DeliveryGate()
+
+
+def quiesce(timeout_s: float) -> bool:
+    """Starts no further message; waits up to ``timeout_s`` for the one in hand to be handled and
+    its position saved. True when nothing is in hand any more (always, when install() did not
+    patch anything)."""
+    ok = _gate.close(timeout_s)
+    if not ok:
+        log.warning("a message was still being handled %.2f s after the stop began; its next copy may "
+                    "handle it again", timeout_s)
+    return ok
 
 
 SWEEP_S = 0.5  # how often each subscription's recent backlog is read again
