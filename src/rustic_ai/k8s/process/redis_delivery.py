@@ -25,6 +25,17 @@ these gaps in it lose or repeat messages under the faults this engine is built t
   message overtook it. Fix: the position saved is never past the oldest message still
   queued, nor past where this copy started before its first replay was queued.
 
+* **Lost by the copy itself, at its first subscribe.** The library starts a subscription's
+  live feed, then reads the saved position for its backlog replay. A live message handled
+  in between (the gap measured 1–35 ms on a loaded machine, a live message every 50 ms in
+  the fault matrix; 2 of 13 adopted copies handled one in it) saved its own id, and the
+  replay then read that id and started after it: the whole backlog since the predecessor's
+  position was skipped, for good (the sweeps start from the same position). In the keeper
+  row that backlog is everything published to the new Redis while the agent had no copy —
+  the 87 messages it lost once in CI. Fix: until this copy has read the position it starts
+  from, it saves none (the predecessor's stays); the replay's id memory drops the live
+  message it already handled.
+
 * **Lost when a copy dies just after Redis comes back (empty).** Measured with an agent
   SIGKILLed 0.5 s after an empty restart (the fault matrix's "just-after" row; 4 of ~40 lost
   in one run of three before this fix, and 2 in the seeded soak): three slow paths let the
@@ -128,7 +139,13 @@ def install() -> bool:
             if topic not in seen.replayed:
                 # The first replay has not queued the backlog yet: a live message handled now
                 # may be newer than backlog messages this process has not even read.
-                safe = min(safe, self.__dict__.get("_rk8s_floors", {}).get((topic, client_id), safe))
+                floor = self.__dict__.get("_rk8s_floors", {}).get((topic, client_id))
+                if floor is None:
+                    # Nor read where it starts: the live feed begins before the replay reads the
+                    # saved position, and a position saved now would be the one it reads — the
+                    # replay would start after this message and skip the whole backlog.
+                    return
+                safe = min(safe, floor)
         original_save(self, client_id, topic, safe)
 
     def _resubscribe_all(self: Any) -> None:  # the library's path when its pub/sub thread died
