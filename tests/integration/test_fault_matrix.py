@@ -202,7 +202,7 @@ async def test_host_sigkilled_after_redis_restarted_empty_before_it_renewed():
     """Redis comes back empty and a host dies before its first renewal: nobody but the engine
     knows its agents existed (their records, their desired state and the host's own entry went
     with the data). The engine that launched them puts them back: every agent runs again,
-    once, within 10 s."""
+    once, within 10 s, and handles every message published meanwhile."""
     async with fleet_under_traffic(hosts=3) as fleet:
         victim = fleet.host_of("l0")
         doomed = [a for a in AGENTS if fleet.host_of(a) is victim]
@@ -217,17 +217,12 @@ async def test_host_sigkilled_after_redis_restarted_empty_before_it_renewed():
                 victim.process.kill()
             await eventually(lambda: not any(fleet.live_pids(a) for a in doomed), timeout=5,
                              what="the killed host's agents gone")
-        report = await fleet.checker.settle()
-        # What this row proves is the keeper's: every agent runs again, once, within 10 s, and
-        # nothing is handled twice. Messages are judged too, except the killed host's agents'
-        # losses, a known gap: once in CI (1 of 7 runs) the adopted copy did not get what had
-        # been published to the new Redis while it had no live copy (87 of 93 lost), cause not
-        # found yet (README "What happens when things fail"). Printed, so a run shows them.
-        problems = [p for p in report.problems(max_twice=CRASH, recover_within_s=10.0)
-                    if not any(p.startswith(f"{a}: ") and "messages lost" in p for a in doomed)]
-        assert not problems, "\n".join(problems) + f"\n{report.summary()}"
-        print(f"lost by the killed host's agents (known gap): "
-              f"{ {a: len(report.agents[a].lost) for a in doomed} }")
+        # Every message too: what was published to the new Redis while the killed host's agents
+        # had no copy waits in the store for the adopted copies' backlog replay. (Once in CI, 87
+        # of them were lost: the adopted copy handled a live message, and saved its position,
+        # before its replay read that position — process/redis_delivery.py, "Lost by the copy
+        # itself, at its first subscribe".)
+        await judge(fleet, max_twice=CRASH)
 
 
 @pytest.mark.parametrize("when", ["just-before", "while-down", "just-after"])
