@@ -20,22 +20,19 @@ from rustic_ai.k8s.process import redis_delivery
 from rustic_ai.redis.messaging.backend import RedisMessagingBackend
 from rustic_ai.redis.messaging.pubsub_manager import RedisPubSubManager
 
-PATCHED = ["_enqueue_for_client", "_save_position", "_resubscribe_all", "_setup_internal", "_replay_backlog",
-           "_subscribe_internal", "_rk8s_delivery_fixed"]
-
 
 @pytest.fixture
 def delivery_fixed():
     """The patches as an agent process has them, for this test only (the test process's own
     rusticai-redis clients, the checker's sender among them, keep the library's behaviour)."""
-    saved = {name: RedisPubSubManager.__dict__[name] for name in PATCHED if name in RedisPubSubManager.__dict__}
+    saved = dict(RedisPubSubManager.__dict__)
     assert redis_delivery.install()
     yield
-    for name in PATCHED:
-        if name in saved:
-            setattr(RedisPubSubManager, name, saved[name])
-        elif name in RedisPubSubManager.__dict__:
-            delattr(RedisPubSubManager, name)
+    for name in set(RedisPubSubManager.__dict__) - set(saved):
+        delattr(RedisPubSubManager, name)
+    for name, value in saved.items():
+        if RedisPubSubManager.__dict__.get(name) is not value:
+            setattr(RedisPubSubManager, name, value)
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
