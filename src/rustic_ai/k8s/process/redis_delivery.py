@@ -28,7 +28,7 @@ these gaps in it lose or repeat messages under the faults this engine is built t
 * **Lost by the copy itself, at its first subscribe.** The library starts a subscription's
   live feed, then reads the saved position for its backlog replay. A live message handled
   in between (the gap measured 1–35 ms on a loaded machine, a live message every 50 ms in
-  the fault matrix; 2 of 13 adopted copies handled one in it) saved its own id, and the
+  the fault matrix; 2 of 14 adopted copies handled one in it) saved its own id, and the
   replay then read that id and started after it: the whole backlog since the predecessor's
   position was skipped, for good (the sweeps start from the same position). In the keeper
   row that backlog is everything published to the new Redis while the agent had no copy —
