@@ -23,7 +23,9 @@ these gaps in it lose or repeat messages under the faults this engine is built t
   message still waiting; a copy started from it later (after a crash, a fence, a move)
   never sees that message — nor the backlog a new copy had not even read yet when a live
   message overtook it. Fix: the position saved is never past the oldest message still
-  queued, nor past where this copy started before its first replay was queued.
+  queued, and nothing is saved before the subscription's first replay is queued (the live
+  feed starts before the replay reads the saved position: a save in between moved the very
+  position the replay was about to start from).
 
 * **Lost when a copy dies just after Redis comes back (empty).** Measured with an agent
   SIGKILLed 0.5 s after an empty restart (the fault matrix's "just-after" row; 4 of ~40 lost
@@ -117,8 +119,14 @@ def install() -> bool:
             safe = min(min(pending) - 1, best) if pending else best
             if topic not in seen.replayed:
                 # The first replay has not queued the backlog yet: a live message handled now
-                # may be newer than backlog messages this process has not even read.
-                safe = min(safe, self.__dict__.get("_rk8s_floors", {}).get((topic, client_id), safe))
+                # may be newer than backlog messages this process has not even read. Save
+                # nothing: the position stays where the previous copy left it, which is where
+                # the replay reads it. (Saving "no further than the floor" was not enough: the
+                # live feed is up before the replay reads the floor, so a message handled in
+                # between saved its own id, the replay then read that as the floor, and the
+                # whole backlog was skipped — 33 messages twice in one soak run, each time an
+                # agent adopted from a paused or cut-off host.)
+                return
         original_save(self, client_id, topic, safe)
 
     def _resubscribe_all(self: Any) -> None:  # the library's path when its pub/sub thread died
@@ -142,8 +150,10 @@ def install() -> bool:
 
     def _replay_backlog(self: Any, topic: str, client_id: str, handler: Any, namespace: Any) -> None:
         # The first replay of a subscription marks where this process's responsibility starts.
-        self.__dict__.setdefault("_rk8s_floors", {}).setdefault(
-            (topic, client_id), self._load_position(client_id, topic))
+        floors = self.__dict__.setdefault("_rk8s_floors", {})
+        if (topic, client_id) not in floors:
+            floors[(topic, client_id)] = self._load_position(client_id, topic)
+            log.info("subscribed %s to %s from saved position %d", client_id, topic, floors[(topic, client_id)])
         original_replay(self, topic, client_id, handler, namespace)
         seen = _seen_ids(self, client_id)
         with seen.lock:
