@@ -444,8 +444,9 @@ class AgentSupervisor:
                 # was fenced, so nothing runs here — but another host may have adopted the agent
                 # before the wipe and still run it (held through the outage). That host writes the
                 # entry again at its first renewal that finds its own entry gone; a host that
-                # cannot renew has its copies dead within a lease (holds need every peer, and we
-                # reach Redis: we refuse). So wait a lease for the entry before claiming it back.
+                # cannot renew has its copies dead within a lease, as holds need every one of its
+                # peers to be cut off too (the corner the keeper leaves open as well, see
+                # docs/architecture.md, "Engine"). So wait a lease for the entry before claiming.
                 # (Without the wait, a host cut off, then healed into an empty restart, took its
                 # agent back 9 ms before the adopter re-registered it: two live copies, seed 1.)
                 until = time.monotonic() + self.ctx.settings.lease_s + RECORD_WAIT_MARGIN_S
