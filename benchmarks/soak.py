@@ -61,14 +61,14 @@ HOST_PAUSE_S = (LEASE_S, 10.0)  # the issue's 3-10 s: from the (test) lease to p
 REDIS_PAUSE_S = (2.0, 30.0)  # every host cut off at once, up to 30 s (the hold lasts up to 45 s)
 
 
-async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> None:
-    """Applies one fault and heals it (every helper heals in a finally)."""
+async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> str:
+    """Applies one fault and heals it (every helper heals in a finally); returns what it hit."""
     if kind == "agent SIGKILL":
         victim = rng.choice(AGENTS)
         for pid in fleet.live_pids(victim):  # none when an earlier fault left it down; all, if two
             os.kill(pid, signal.SIGKILL)
         await eventually(lambda: not fleet.live_pids(victim), timeout=5, what="victim gone")
-        return
+        return victim
     # A host fault on a host that runs nothing tests little: prefer one that runs agents.
     busy = [h for h in fleet.live_hosts if any(h in fleet.hosts_of(a) for a in AGENTS)]
     host = rng.choice(busy or fleet.live_hosts)
@@ -96,6 +96,7 @@ async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> None:
             await asyncio.sleep(PAST_LEASE_S)
     else:
         raise ValueError(kind)
+    return "redis" if kind.startswith("redis") else f"{host.process.name} (pid {host.process.pid})"
 
 
 async def soak(n_faults: int, seed: int) -> dict:
@@ -114,7 +115,7 @@ async def soak(n_faults: int, seed: int) -> dict:
         for n, kind in enumerate(plan):
             began = time.monotonic()
             with checker.fault(kind):
-                await inject(fleet, kind, rng)
+                target = await inject(fleet, kind, rng)
             healed = time.monotonic()
             if len(fleet.live_hosts) < 3:
                 replacement = asyncio.create_task(asyncio.to_thread(fleet.start_hosts, 1, via_proxy=True))
@@ -134,11 +135,11 @@ async def soak(n_faults: int, seed: int) -> dict:
             if not settled:
                 await repair(fleet)
             most = checker.take_max_copies()
-            windows.append({"kind": kind, "began": began, "healed": healed, "settled": settled,
+            windows.append({"kind": kind, "target": target, "began": began, "healed": healed, "settled": settled,
                             "recover_s": recover, "max_copies": max((m[0] for m in most.values()), default=0),
                             "max_copies_pids": {a: m[1] for a, m in most.items() if m[0] > 1}})
             rec = "never" if recover is None else f"{recover:.2f} s"
-            print(f"fault {n + 1:2}/{n_faults}: {kind:28} most copies {windows[-1]['max_copies']}, "
+            print(f"fault {n + 1:2}/{n_faults}: {kind:28} on {target:18} most copies {windows[-1]['max_copies']}, "
                   f"recovered {rec}", flush=True)
         report = await checker.settle()
         per_fault = charge(windows, checker, report)
@@ -222,7 +223,9 @@ def summarise(windows: list[dict], per_fault: list[dict], report, seed: int) -> 
     # The checker's own maximum restarts with every window; the run's is the largest window's.
     totals["max_copies"] = max([totals["max_copies"], *(w["max_copies"] for w in windows)])
     return {"machine": machine_info(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seed": seed, "faults": len(windows), "agents": len(AGENTS), "lease_s": LEASE_S,
+            "seed": seed, "faults": len(windows),
+            # time.time() - time.monotonic(): turns the windows' monotonic times into the hosts' log times
+            "wall_minus_monotonic_s": time.time() - time.monotonic(), "agents": len(AGENTS), "lease_s": LEASE_S,
             "classes": dict(classes),
             "totals": {**totals, "recover_s": None if totals["recover_s"] == float("inf") else totals["recover_s"]},
             "checker": report.summary(),
@@ -233,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--faults", type=int, default=40)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=RESULTS / "soak.json",
+                   help="where the results go (default benchmarks/results/soak.json)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     results = asyncio.run(soak(args.faults, args.seed))
     results["seconds"] = round(time.monotonic() - t0, 1)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print(f"\nsoak: {results['faults']} faults, seed {args.seed}, {results['seconds']} s\n")
     print("| fault class | n | lost | destroyed with Redis | handled twice | most live copies | recover p50 / max "
           "| never recovered |")

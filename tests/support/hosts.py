@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
+# Set to a directory to keep every host's log there as <name>.log (and, through the hosts'
+# environment, every ledger agent's own log: support/ledger_agents.py). Off by default.
+LOG_DIR_ENV = "RUSTIC_K8S_TEST_LOG_DIR"
 
 
 class HostProcess:
@@ -19,7 +22,11 @@ class HostProcess:
         """``own_group``: the host leads a process group of its own, so a test can signal the
         group (os.killpg) without signalling itself."""
         self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"rk8s-{name}-", suffix=".log", delete=False)
+        if keep_dir := os.environ.get(LOG_DIR_ENV):
+            Path(keep_dir).mkdir(parents=True, exist_ok=True)
+            self.log = open(Path(keep_dir) / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
+        else:
+            self.log = tempfile.NamedTemporaryFile(prefix=f"rk8s-{name}-", suffix=".log", delete=False)
         self.log_path = Path(self.log.name)
         full_env = dict(os.environ)
         # Test agents live in tests/support; agent processes must be able to import them.
@@ -87,7 +94,7 @@ class HostProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.log.close()
-        if not os.environ.get("RUSTIC_K8S_TEST_KEEP_LOGS"):  # set it to read a failed run's host logs
+        if not (os.environ.get("RUSTIC_K8S_TEST_KEEP_LOGS") or os.environ.get(LOG_DIR_ENV)):  # set it to read a failed run's host logs
             self.log_path.unlink(missing_ok=True)
 
 

@@ -29,6 +29,7 @@ from rustic_ai.core.guild.agent import Agent, ProcessContext
 from rustic_ai.core.messaging.core import JsonDict
 
 LEDGER_DIR_ENV = "RUSTIC_TEST_LEDGER_DIR"
+LOG_DIR_ENV = "RUSTIC_K8S_TEST_LOG_DIR"  # see support/hosts.py: keep each agent process's log there too
 SEQ_FIELD = "ledger_seq"
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Ledger:
         self._fd = os.open(ledger_path(directory, guild_id, agent_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._pid = os.getpid()
         self._write(f"start {self._pid} {proc_starttime()} {time.monotonic():.6f}")
+        _keep_log(agent_id)
 
     def _write(self, line: str) -> None:
         os.write(self._fd, (line + "\n").encode())
@@ -66,9 +68,30 @@ class Ledger:
         payload = ctx.payload
         seq = payload.get(SEQ_FIELD)
         if isinstance(seq, int):
-            self._write(f"handled {seq} {self._pid} {time.monotonic():.6f}")
+            # The message id last: the checker reads the first three fields; the id is for a person
+            # matching a ledger against saved positions (eo:pos:*).
+            self._write(f"handled {seq} {self._pid} {time.monotonic():.6f} {ctx.message.id}")
         elif payload.get("content") == "Hello Responder!":
             ctx.send_dict({"content": f"Acknowledged: {ctx.message.id}"})
+
+
+class _Monotonic(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.mono = time.monotonic()  # the checker's and the soak's clock
+        return True
+
+
+def _keep_log(agent_id: str) -> None:
+    """With RUSTIC_K8S_TEST_LOG_DIR set, this process's log lines also go to a file of its own
+    (the host keeps only the last lines of an agent's output, in memory)."""
+    directory = os.environ.get(LOG_DIR_ENV)
+    if not directory:
+        return
+    handler = logging.FileHandler(Path(directory) / f"agent-{quote(agent_id, safe='')}-{os.getpid()}.log")
+    handler.addFilter(_Monotonic())
+    handler.setFormatter(logging.Formatter("%(asctime)s mono=%(mono).3f %(levelname)s %(threadName)s %(name)s: "
+                                           "%(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 # A subclass that inherits this __init__ was built without running it (rusticai-core's agent

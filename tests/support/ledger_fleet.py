@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -23,7 +24,7 @@ from rustic_ai.core.guild.builders import AgentBuilder
 from rustic_ai.k8s import AsyncK8sEngine, EngineSettings
 
 from .exactly_once import Checker, copy_alive
-from .hosts import HostProcess, start_hosts
+from .hosts import LOG_DIR_ENV, HostProcess, start_hosts
 from .ledger_agents import LEDGER_DIR_ENV, LedgerAgent
 from .nats_server import NatsServer
 from .probe import guild_spec, nats_messaging, redis_messaging
@@ -66,7 +67,11 @@ class LedgerFleet:
         self.redis = RedisServer()
         self.nats = nats  # the agents' messages go through it when given (the registry stays in Redis)
         self.prefix = f"eo{uuid.uuid4().hex[:8]}"
-        self.ledger_dir = Path(tempfile.mkdtemp(prefix="rk8s-ledger-"))
+        # With RUSTIC_K8S_TEST_LOG_DIR (support/hosts.py) the ledgers are kept there, next to the logs.
+        self.keep_dir = os.environ.get(LOG_DIR_ENV)
+        if self.keep_dir:
+            Path(self.keep_dir).mkdir(parents=True, exist_ok=True)
+        self.ledger_dir = Path(tempfile.mkdtemp(prefix="rk8s-ledger-", dir=self.keep_dir))
         self.env = {**FAST_ENV, LEDGER_DIR_ENV: str(self.ledger_dir), **(env or {})}
         self.guild = guild_spec(f"eo-{uuid.uuid4().hex[:6]}")
         self.rate_per_s = rate_per_s
@@ -98,7 +103,9 @@ class LedgerFleet:
             steps.append(h.process.close)
             if h.proxy is not None:
                 steps.append(h.proxy.close)
-        steps += [self.redis.close, lambda: shutil.rmtree(self.ledger_dir, ignore_errors=True)]
+        steps.append(self.redis.close)
+        if not self.keep_dir:
+            steps.append(lambda: shutil.rmtree(self.ledger_dir, ignore_errors=True))
         for step in steps:
             try:
                 step()

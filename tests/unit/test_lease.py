@@ -38,12 +38,16 @@ class FakeRegistry:
                                redis_ms=int(time.time() * 1000))
 
 
-def make_lease(registry: FakeRegistry, grants: list[float] | None = None, hold_max_s: float = 10.0):
+def make_lease(registry: FakeRegistry, grants: list[float] | None = None, hold_max_s: float = 10.0,
+               gate: asyncio.Event | None = None):
+    """``gate``: hold requests are answered only once it is set."""
     deadlines: list[tuple[float, float]] = []
     asked: list[list[str]] = []
 
     async def ask_peers(peers: list[str]) -> list[float]:
         asked.append(peers)
+        if gate is not None:
+            await gate.wait()
         return list(grants if grants is not None else [])
 
     lease = Lease(
@@ -123,6 +127,48 @@ async def test_one_refusing_peer_means_no_hold():
     async with running(lease):
         await _until(lambda: len(asked) >= 2)
         assert lease.hold_until == 0.0
+
+
+async def test_a_renewal_ends_a_hold_so_the_agents_deadline_comes_back_to_the_lease():
+    """The first host to register after an empty restart has no peers, so in an outage it holds for
+    hold_max_s (nobody who registered after its last renewal may reap it sooner). Once a renewal
+    succeeds with peers in view, any of them may reap it lease_s later: the deadline its agents
+    get must be the lease's again, not what is left of the hold. (Seeded soak, before the fix: the
+    hold outlived the outage and agents adopted later ran through a pause of their host while a
+    peer adopted them: two live copies.)"""
+    registry = FakeRegistry()  # no peers at the last renewal before the outage
+    lease, deadlines, _ = make_lease(registry, grants=[], hold_max_s=10.0)
+    await lease.renew()
+    registry.mode = "down"
+    async with running(lease):
+        await _until(lambda: lease.hold_until > 0)
+        assert lease.kill_at == pytest.approx(lease.last_ok + 10.0 - MARGIN_S)
+        registry.peers = ("h2:1",)
+        registry.mode = "ok"
+        renewals = registry.calls
+        await _until(lambda: registry.calls > renewals + 2)  # renewed again, pushed to agents
+        assert lease.hold_until == 0.0
+        assert lease.kill_at == pytest.approx(lease.last_ok + LEASE_S - MARGIN_S)
+        assert deadlines[-1][1] < lease.last_ok + LEASE_S  # what the agents enforce now
+
+
+async def test_a_hold_granted_after_a_renewal_succeeded_meanwhile_is_not_taken():
+    """Peers answer a hold request slowly; meanwhile Redis comes back and a renewal succeeds. The
+    grants were for the peer list of the renewal before: they must not extend the new deadline."""
+    registry = FakeRegistry()
+    registry.peers = ("h2:1",)
+    gate = asyncio.Event()
+    lease, _, asked = make_lease(registry, grants=[LEASE_S], gate=gate)
+    await lease.renew()
+    registry.mode = "down"
+    hold = asyncio.create_task(lease._ask_for_hold())
+    await _until(lambda: len(asked) == 1)  # asked, not answered yet
+    registry.mode = "ok"
+    assert await lease.renew() is not None
+    gate.set()
+    await hold
+    assert lease.hold_until == 0.0
+    assert lease.kill_at == pytest.approx(lease.last_ok + LEASE_S - MARGIN_S)
 
 
 async def test_next_renewal_resolves_on_success_only():

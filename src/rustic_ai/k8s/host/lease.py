@@ -144,6 +144,16 @@ class Lease:
             self._outage_logged = False
         self.last_ok = started
         self.valid_until = started + self.lease_s - self.margin_s
+        # A renewal ends any hold. A hold is safe only while the renewal before the outage is
+        # this host's last: its peers (as of that renewal) promised not to reap it, and hosts
+        # that registered later are kept from reaping it until hold_max_s + lease_s past *that*
+        # renewal (REAP_HOSTS). This renewal replaces it, in Redis and in every peer's view:
+        # from now on any peer may reap this host lease_s after its last renewal, so the
+        # agents' deadline comes back to the lease's. (Kept, a hold outlived the outage: a host
+        # that had re-registered first after an empty restart — no peers, so a hold of
+        # hold_max_s — carried it into agents it adopted later, which ran on through a 7 s
+        # pause of the host while a peer adopted them: two live copies, in the seeded soak.)
+        self.hold_until = 0.0
         self.peers = list(result.peers)
         self.redis_ms, self.redis_seen_at = result.redis_ms, time.monotonic()
         self.beats += 1
@@ -205,12 +215,15 @@ class Lease:
         if self.last_ok is None:
             return
         asked_at = time.monotonic()
+        basis = self.last_ok  # the renewal whose peer list is asked
         peers = list(self.peers)
         try:
             grants = await self._ask_peers(peers) if peers else []
         except Exception:  # noqa: BLE001 - no hold is the safe answer to anything unexpected
             log.exception("asking peers for a hold failed")
             return
+        if self.last_ok != basis:
+            return  # a renewal succeeded meanwhile: it ended the outage, and the hold with it (see renew)
         if len(grants) != len(peers) or any(g <= 0 for g in grants):
             return  # somebody reaches Redis (or did not answer): we are the one cut off
         cap = self.last_ok + self.hold_max_s - self.margin_s

@@ -60,6 +60,7 @@ _tracer = trace.get_tracer("rustic_ai.k8s.host")
 
 FENCED_EXITS = (EXIT_FENCED, -signal.SIGALRM)  # a clean self-fence, and the kernel timer's backstop
 REGISTRY_STEP_S = 5.0  # bound of one registry write made by a supervisor
+RECORD_WAIT_MARGIN_S = 0.5  # beyond a lease: a fenced agent's vanished entry may still be rewritten by its adopter
 
 
 @dataclasses.dataclass
@@ -439,8 +440,25 @@ class AgentSupervisor:
         try:
             existing = await asyncio.wait_for(self.ctx.registry.get_agent(self.key), REGISTRY_STEP_S)
             if existing is None:
-                # Redis lost the entry (restarted empty, or the outage outlived its TTL): what
-                # runs here is the truth; restore what the engine wanted without overwriting.
+                # Redis lost the entry (restarted empty, or the outage outlived its TTL). Our copy
+                # was fenced, so nothing runs here — but another host may have adopted the agent
+                # before the wipe and still run it (held through the outage). That host writes the
+                # entry again at its first renewal that finds its own entry gone; a host that
+                # cannot renew has its copies dead within a lease, as holds need every one of its
+                # peers to be cut off too (the corner the keeper leaves open as well, see
+                # docs/architecture.md, "Engine"). So wait a lease for the entry before claiming.
+                # (Without the wait, a host cut off, then healed into an empty restart, took its
+                # agent back 9 ms before the adopter re-registered it: two live copies, seed 1.)
+                until = time.monotonic() + self.ctx.settings.lease_s + RECORD_WAIT_MARGIN_S
+                while existing is None and time.monotonic() < until:
+                    with contextlib.suppress(TimeoutError):  # the pace of the look-ups
+                        await asyncio.wait_for(self._stop_requested.wait(), self.ctx.settings.lease_renew_s)
+                    if self._stop is not None:
+                        return False
+                    existing = await asyncio.wait_for(self.ctx.registry.get_agent(self.key), REGISTRY_STEP_S)
+            if existing is None:
+                # Still no entry: nobody else runs it. Restore what the engine wanted (without
+                # overwriting) and take it back.
                 await self.ctx.registry.set_desired_if_missing(self.request)
             record.state = AgentState.STARTING
             claim = await asyncio.wait_for(

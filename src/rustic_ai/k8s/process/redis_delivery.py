@@ -32,9 +32,10 @@ these gaps in it lose or repeat messages under the faults this engine is built t
   replay then read that id and started after it: the whole backlog since the predecessor's
   position was skipped, for good (the sweeps start from the same position). In the keeper
   row that backlog is everything published to the new Redis while the agent had no copy —
-  the 87 messages it lost once in CI. Fix: until this copy has read the position it starts
-  from, it saves none (the predecessor's stays); the replay's id memory drops the live
-  message it already handled.
+  the 87 messages it lost once in CI; in the seeded soak, 33 messages twice in one run, each
+  time an agent adopted from a paused or cut-off host. Fix: until its first replay is
+  queued, this copy saves no position (the predecessor's stays); the replay's id memory
+  drops the live message it already handled.
 
 * **Lost when a copy dies just after Redis comes back (empty).** Measured with an agent
   SIGKILLed 0.5 s after an empty restart (the fault matrix's "just-after" row; 4 of ~40 lost
@@ -138,14 +139,12 @@ def install() -> bool:
             safe = min(min(pending) - 1, best) if pending else best
             if topic not in seen.replayed:
                 # The first replay has not queued the backlog yet: a live message handled now
-                # may be newer than backlog messages this process has not even read.
-                floor = self.__dict__.get("_rk8s_floors", {}).get((topic, client_id))
-                if floor is None:
-                    # Nor read where it starts: the live feed begins before the replay reads the
-                    # saved position, and a position saved now would be the one it reads — the
-                    # replay would start after this message and skip the whole backlog.
-                    return
-                safe = min(safe, floor)
+                # may be newer than backlog messages this process has not even read. Save
+                # nothing: the position stays where the previous copy left it, which is where
+                # the replay reads it (the live feed is up before the replay reads it, so a
+                # message handled in between that saved its own id made the replay start past
+                # the whole backlog — see "Lost by the copy itself" above).
+                return
         original_save(self, client_id, topic, safe)
 
     def _resubscribe_all(self: Any) -> None:  # the library's path when its pub/sub thread died
@@ -169,8 +168,10 @@ def install() -> bool:
 
     def _replay_backlog(self: Any, topic: str, client_id: str, handler: Any, namespace: Any) -> None:
         # The first replay of a subscription marks where this process's responsibility starts.
-        self.__dict__.setdefault("_rk8s_floors", {}).setdefault(
-            (topic, client_id), self._load_position(client_id, topic))
+        floors = self.__dict__.setdefault("_rk8s_floors", {})
+        if (topic, client_id) not in floors:
+            floors[(topic, client_id)] = self._load_position(client_id, topic)
+            log.info("subscribed %s to %s from saved position %d", client_id, topic, floors[(topic, client_id)])
         original_replay(self, topic, client_id, handler, namespace)
         seen = _seen_ids(self, client_id)
         with seen.lock:
