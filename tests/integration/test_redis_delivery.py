@@ -103,3 +103,57 @@ def test_a_live_message_handled_before_the_first_replay_does_not_hide_the_backlo
         agent.cleanup()
         publisher.cleanup()
         raw.close()
+
+
+@pytest.fixture
+def fresh_gate():
+    """Each agent process has its own delivery gate; quiesce closes it for good."""
+    saved = redis_delivery._gate
+    redis_delivery._gate = redis_delivery._DeliveryGate()
+    yield
+    redis_delivery._gate = saved
+
+
+def test_a_message_queued_below_the_saved_position_at_a_stop_reaches_the_next_copy(
+        redis_server, delivery_fixed, fresh_gate):
+    """Ids order by priority first (GemstoneID), then the publisher's clock: a HIGH message
+    published after a NORMAL one has the smaller id. Arriving as the agent stops (the gate
+    leaves it unstarted), it sits below the position already saved, and the next copy, which
+    starts after that position, would never see it. The position is lowered when such a
+    message is queued: it costs at most a duplicate, never the message."""
+    topic = f"guild-{uuid.uuid4().hex[:6]}:default_topic"
+    client_id = f"guild${uuid.uuid4().hex[:6]}"
+    ids = GemstoneGenerator(1)
+    sender = AgentTag(id="sender", name="sender")
+    publisher = RedisMessagingBackend({"host": "127.0.0.1", "port": redis_server.port})
+    raw = redis.Redis(port=redis_server.port)
+    first = second = None
+    try:
+        handled: list[str] = []
+        first = RedisMessagingBackend({"host": "127.0.0.1", "port": redis_server.port})
+        first.subscribe(topic, lambda m: handled.append(m.payload["n"]), client_id=client_id, namespace="ns")
+        normal = Message(id_obj=ids.get_id(Priority.NORMAL), sender=sender, topics=topic, payload={"n": "normal"})
+        publisher.store_message("ns", topic, normal)
+        _wait(lambda: raw.get(f"eo:pos:{client_id}:{topic}") == str(normal.id).encode(), 5, "normal saved")
+        # The stop begins (child.run calls quiesce) with nothing in hand; then a HIGH message arrives.
+        assert redis_delivery.quiesce(1.0)
+        urgent = Message(id_obj=ids.get_id(Priority.HIGH), sender=sender, topics=topic, payload={"n": "high"})
+        assert urgent.id < normal.id
+        publisher.store_message("ns", topic, urgent)
+        _wait(lambda: not first._pubsub_manager._client_workers[client_id].is_alive(), 5, "the worker gone")
+        assert handled == ["normal"]
+        first.cleanup()
+        first = None
+        redis_delivery._gate = redis_delivery._DeliveryGate()  # the next copy is a new process
+        got: list[str] = []
+        second = RedisMessagingBackend({"host": "127.0.0.1", "port": redis_server.port})
+        second.subscribe(topic, lambda m: got.append(m.payload["n"]), client_id=client_id, namespace="ns")
+        try:
+            _wait(lambda: "high" in got, 5, "the HIGH message delivered to the next copy")
+        except AssertionError:
+            raise AssertionError(f"the message queued at the stop was lost: the next copy got {got}") from None
+    finally:
+        for backend in (first, second, publisher):
+            if backend is not None:
+                backend.cleanup()
+        raw.close()

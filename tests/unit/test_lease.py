@@ -154,7 +154,9 @@ async def test_a_renewal_ends_a_hold_so_the_agents_deadline_comes_back_to_the_le
 
 async def test_a_hold_granted_after_a_renewal_succeeded_meanwhile_is_not_taken():
     """Peers answer a hold request slowly; meanwhile Redis comes back and a renewal succeeds. The
-    grants were for the peer list of the renewal before: they must not extend the new deadline."""
+    grants were for the peer list of the renewal before: the host must not count itself held
+    (a stale grant cannot reach past the new lease's deadline, so the visible effect is the
+    host's own view: no hold, and no "Redis unreachable from every host" report)."""
     registry = FakeRegistry()
     registry.peers = ("h2:1",)
     gate = asyncio.Event()

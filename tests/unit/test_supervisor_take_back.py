@@ -165,7 +165,8 @@ async def test_a_fenced_agent_whose_entry_redis_lost_is_not_taken_back_while_its
     first.exit(EXIT_FENCED)
     # Healed, straight into Redis restarted empty: the next renewal succeeds, the entry is gone.
     registry.wiped = True
-    await asyncio.sleep(0.05)  # the supervisor is waiting for a renewal that started after the fence
+    await eventually(lambda: supervisor.record.reason.startswith("fenced"), timeout=10,
+                     what="the take-back waiting for a renewal that started after the fence")
     lease.renew()
 
     # Decided either way: stopped (the adopter has it), or running a second copy here.
@@ -178,3 +179,57 @@ async def test_a_fenced_agent_whose_entry_redis_lost_is_not_taken_back_while_its
     assert "another host" in final.reason
     assert finished == [supervisor]
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class NoAdopter(Registry):
+    """Redis restarted empty and nobody else runs the agent: its entry never comes back."""
+
+    def _adopter_back(self) -> bool:
+        return False
+
+
+async def _fenced_into_an_empty_redis(registry: Registry):
+    settings = HostSettings.from_env({}, lease_s=3.0, lease_renew_s=0.4, fence_margin_s=0.6)
+    lease, processes = Lease(), Processes()
+    tasks: set[asyncio.Task] = set()
+
+    def spawn(coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        tasks.add(task)
+        return task
+
+    ctx = SupervisorContext(settings=settings, registry=registry, processes=lambda: processes,  # type: ignore[arg-type]
+                            lease=lease, address=lambda: ME, spawn=spawn,  # type: ignore[arg-type]
+                            finished=lambda s: None, serving=lambda: True)
+    request = launch_request_from_models(guild_spec("g-takeback"), ledger_spec("s1"), redis_messaging(6379))
+    supervisor = AgentSupervisor(ctx, request, AgentRecord("g-takeback", "s1", host=ME, state=AgentState.STARTING),
+                                 RestartPolicy())
+    supervisor.start()
+    await supervisor.wait_started()
+    lease.ok = False
+    processes.launched[0].exit(EXIT_FENCED)
+    registry.wiped = True
+    await eventually(lambda: supervisor.record.reason.startswith("fenced"), timeout=10, what="fenced")
+    lease.renew()
+    await eventually(lambda: registry.missing_read_at is not None, timeout=10, what="the missing entry read")
+    return supervisor, processes, settings
+
+
+@pytest.mark.timeout(30)
+async def test_a_fenced_agent_nobody_else_runs_is_taken_back_after_the_wait():
+    registry = NoAdopter()
+    supervisor, processes, settings = await _fenced_into_an_empty_redis(registry)
+    await eventually(lambda: len(processes.launched) == 2, timeout=15, what="taken back")
+    assert time.monotonic() - registry.missing_read_at >= settings.lease_s
+    assert registry.claims[-1] == ("ok", False)
+    await asyncio.wait_for(supervisor.stop("test over"), 10)
+
+
+@pytest.mark.timeout(30)
+async def test_a_stop_during_the_wait_leaves_nothing_claimed_or_running():
+    registry = NoAdopter()
+    supervisor, processes, _ = await _fenced_into_an_empty_redis(registry)
+    final = await asyncio.wait_for(supervisor.stop("engine stop"), 10)
+    assert registry.claims == [("ok", False)]  # only the first launch's claim
+    assert len(processes.launched) == 1 and supervisor.done
+    assert final.state is AgentState.STOPPED

@@ -59,7 +59,10 @@ these gaps in it lose or repeat messages under the faults this engine is built t
   costs a duplicate, which only a crash should. Fix: a *delivery gate* (`quiesce`): once the
   agent is asked to stop, no message is started, and the stop waits (bounded) until the one
   in hand is handled and its position saved. What was queued and not started keeps its
-  position unsaved, so the next copy gets it.
+  position unsaved, so the next copy gets it — also when its id is *below* the position
+  already saved (ids order by priority first, then the publisher's clock: a HIGH message
+  sent after NORMAL ones has the smaller id): queuing such a message lowers the saved
+  position just below it (a later copy may handle a message again, never lose one).
 
 What none of this can save is a message Redis acknowledged and then lost with its data
 before any copy read it (an empty restart right after a copy died): only the publisher
@@ -125,6 +128,15 @@ def install() -> bool:
             while len(seen.ids) > REMEMBERED_IDS:
                 seen.ids.popitem(last=False)
             seen.pending.setdefault(topic, set()).add(message.id)
+            # Ids order by priority first, then the publisher's clock: a message can arrive with an
+            # id below the position already saved (a HIGH one after NORMAL ones, a publisher whose
+            # clock is behind). A later copy starts after that position and would never see it,
+            # whether this copy stops (the gate leaves it unstarted) or crashes first: lower it.
+            lower = message.id - 1 if topic in seen.replayed and message.id <= seen.saved.get(topic, 0) else None
+            if lower is not None:
+                seen.saved[topic] = lower
+        if lower is not None:
+            original_save(self, client_id, topic, lower)
         original_enqueue(self, client_id, namespace, topic, handler, message)
 
     def _save_position(self: Any, client_id: str, topic: str, message_id: int) -> None:
@@ -145,7 +157,16 @@ def install() -> bool:
                 # message handled in between that saved its own id made the replay start past
                 # the whole backlog — see "Lost by the copy itself" above).
                 return
-        original_save(self, client_id, topic, safe)
+            seen.saved[topic] = safe
+        while True:
+            original_save(self, client_id, topic, safe)
+            with seen.lock:
+                # A message below `safe` may have been queued while it was being written (the
+                # enqueue side lowers only what it saw saved): write the lower value again.
+                pending = seen.pending.get(topic)
+                if not pending or min(pending) - 1 >= safe:
+                    return
+                safe = seen.saved[topic] = min(pending) - 1
 
     def _resubscribe_all(self: Any) -> None:  # the library's path when its pub/sub thread died
         original_resubscribe(self)
@@ -175,7 +196,14 @@ def install() -> bool:
         original_replay(self, topic, client_id, handler, namespace)
         seen = _seen_ids(self, client_id)
         with seen.lock:
+            first = topic not in seen.replayed
             seen.replayed.add(topic)
+            handled = seen.best.get(topic)
+        if first and handled is not None:
+            # A live message handled before this replay saved nothing (see _save_position); save
+            # now, as its own save would have, or a clean stop with an empty backlog and no later
+            # message would leave the predecessor's position and the next copy handle it again.
+            self._save_position(client_id, topic, handled)
 
     def _client_worker_loop(self: Any, client_id: str) -> None:
         # The library's loop, with the delivery gate around each message: taken from the queue,
@@ -477,6 +505,7 @@ class _Seen:
         self.pending: dict[str, set[int]] = {}  # topic -> ids queued and not yet handled
         self.best: dict[str, int] = {}  # topic -> the newest id handled
         self.replayed: set[str] = set()  # topics whose first backlog replay has been queued
+        self.saved: dict[str, int] = {}  # topic -> the position this process last wrote
 
 
 _registry_lock = threading.Lock()
