@@ -7,7 +7,7 @@ a TCP proxy of its own, so one can be cut off), 4 ledger agents, and the checker
 ``tests/support/exactly_once.py`` — a sender publishing 20 numbered messages a second,
 each agent's own ledger and a /proc sampler; nothing the engine or the hosts report is
 believed. Faults are drawn with the seed from: agent SIGKILL, host SIGKILL, host SIGTERM
-(drain), host paused (pid, and its process group) 3-10 s (the lease is 3 s), Redis paused
+(drain), host paused 3-10 s (the host alone, and the host with its agents, as a pod frozen whole) (the lease is 3 s), Redis paused
 1 s and 2-30 s, Redis restarted with its data and empty, one host cut off from Redis past
 its lease. Durations are drawn with the seed too. A killed or drained host is replaced (a killed one after the
 fault, while the fleet recovers; a drained one first). After each fault the run
@@ -53,7 +53,7 @@ from support.ledger_fleet import LEASE_S, LedgerFleet, ledger_spec  # noqa: E402
 PAST_LEASE_S = 1.5 * LEASE_S
 CLASSES = {  # fault class -> weight
     "agent SIGKILL": 3, "host SIGKILL": 2, "host SIGTERM (drain)": 2, "host paused (pid)": 2,
-    "host paused (group)": 1, "redis paused 1 s": 2, "redis paused 2-30 s": 2,
+    "host paused (tree)": 1, "redis paused 1 s": 2, "redis paused 2-30 s": 2,
     "redis restarted with data": 1, "redis restarted empty": 1, "host cut off from redis": 2,
 }
 AGENTS = [f"s{i}" for i in range(4)]
@@ -82,7 +82,7 @@ async def inject(fleet: LedgerFleet, kind: str, rng: random.Random) -> str:
         await asyncio.to_thread(fleet.start_hosts, 1, via_proxy=True)  # the rolling-update order
         await asyncio.to_thread(host.process.terminate, 30)
     elif kind.startswith("host paused"):
-        pause = faults.paused if "pid" in kind else faults.paused_group
+        pause = faults.paused if "pid" in kind else faults.paused_tree
         with pause(host.process.pid):
             await asyncio.sleep(rng.uniform(*HOST_PAUSE_S))
     elif kind.startswith("redis paused"):

@@ -87,18 +87,49 @@ class Copy:
 
 
 def copy_alive(copy: Copy) -> bool:
-    """Alive right now by /proc: present, the same process (start time), not a zombie.
+    """Alive right now by /proc: present, the same process (start time), not a zombie, and
+    able to run again.
 
     A stopped process (state T: SIGSTOPped with its host, say) counts as alive: it still
-    holds its subscriptions and resumes handling the moment it gets SIGCONT, so it is a
-    live copy for exactly-once purposes.
+    holds its subscriptions and resumes handling the moment it gets SIGCONT — unless the
+    kernel already holds a signal for it that ends it (`_doomed`): then the first thing
+    SIGCONT does is end it, before it runs another instruction of its own. That is how a
+    frozen agent's fence looks from outside (its kernel timer fired while it was stopped):
+    the process entry is there, the copy is not.
     """
     try:
         stat = Path(f"/proc/{copy.pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return False
     fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] not in ("Z", "X") and int(fields[19]) == copy.starttime
+    if fields[0] in ("Z", "X") or int(fields[19]) != copy.starttime:
+        return False
+    return not (fields[0] == "T" and _doomed(copy.pid))
+
+
+# Signals whose default action ends the process (signal(7)): all of 1-31 but CHLD, CONT, STOP,
+# TSTP, TTIN, TTOU, URG and WINCH.
+_FATAL_BY_DEFAULT = sum(1 << (n - 1) for n in range(1, 32) if n not in (17, 18, 19, 20, 21, 22, 23, 28))
+
+
+def _doomed(pid: int) -> bool:
+    """A signal is pending (for the process or its main thread) that ends it when it resumes:
+    fatal by default, and neither caught, ignored nor blocked (by the main thread; a signal
+    another thread would take while the main thread blocks it counts as not dooming — the
+    safe side). Read from /proc/PID/status, the kernel's own bookkeeping."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    masks = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"):
+            masks[name] = int(value.strip(), 16)
+    if len(masks) != 5:
+        return False
+    pending = masks["SigPnd"] | masks["ShdPnd"]
+    return bool(pending & _FATAL_BY_DEFAULT & ~(masks["SigBlk"] | masks["SigIgn"] | masks["SigCgt"]))
 
 
 @dataclasses.dataclass

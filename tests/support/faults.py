@@ -6,10 +6,11 @@ process stopped or a host cut off. The block's body is the fault's duration, usu
 ``await asyncio.sleep(seconds)``.
 
 * `paused(pid)` — SIGSTOP / SIGCONT of one process (a host frozen by the scheduler, a GC
-  pause, a debugger). `paused_group(pid)` signals the process group the host leads
-  (``os.killpg``; start the host with ``own_group=True``). Agent processes and the fork
-  server put themselves in groups of their own, so today the host's group is the host
-  alone; a design that kept agents in the host's group would freeze them with it.
+  pause, a debugger): the host alone; its agents run on.
+* `paused_tree(pid)` — the host and every process under it (fork server, agents, their
+  helpers) stopped, as a pod frozen whole is (a cgroup freeze, a paused VM). Found from
+  /proc parent links, not from process groups: agents and the fork server lead groups of
+  their own, so the host's group is the host alone.
 * `redis_paused(server)` — SIGSTOP of redis-server: connections stay open, nothing answers,
   data is kept.
 * `redis_down(server, keep_data=...)` — redis-server stopped for the block's duration and
@@ -47,17 +48,46 @@ def paused(pid: int) -> Iterator[None]:
         _signal(pid, signal.SIGCONT)
 
 
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it exited while we looked
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 @contextlib.contextmanager
-def paused_group(pid: int) -> Iterator[None]:
-    pgid = os.getpgid(pid)
-    if pgid == os.getpgrp():
-        raise RuntimeError(f"process {pid} shares the test's process group; start it with own_group=True")
-    os.killpg(pgid, signal.SIGSTOP)
+def paused_tree(pid: int) -> Iterator[None]:
+    """The host first (it can then start nothing new), then everything under it; again until a
+    listing finds nothing not yet stopped (a process forked while we were stopping the others).
+    Resumed in the reverse order: agents, then the host."""
+    stopped = [pid]
+    _signal(pid, signal.SIGSTOP)
     try:
+        while fresh := [p for p in _descendants(pid) if p not in stopped]:
+            for p in fresh:
+                _signal(p, signal.SIGSTOP)
+            stopped += fresh
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGCONT)
+        for p in reversed(stopped):
+            _signal(p, signal.SIGCONT)
 
 
 @contextlib.contextmanager
