@@ -8,6 +8,7 @@ resume would hide a real duplicate. Both are checked against processes the test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,6 +70,40 @@ def test_a_stopped_process_is_a_copy_unless_a_fatal_signal_waits_for_it(handler)
         else:  # its handler ran and it goes on
             _until(lambda: _state(proc.pid) != "T")
             assert copy_alive(copy) and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+BIG = """
+import signal, time
+memory = bytearray(300 * 1024 * 1024)
+for i in range(0, len(memory), 4096):
+    memory[i] = 1  # touched, so the exit has it to free
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+print("armed", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_a_process_being_torn_down_is_not_a_copy():
+    """A frozen copy whose timer fired dies at SIGCONT, but the kernel takes a while to free a
+    large process (state R, not yet Z): every sample in that time must already see it gone."""
+    proc = subprocess.Popen([sys.executable, "-c", BIG], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "armed"
+        copy = Copy(proc.pid, proc_starttime(proc.pid), time.monotonic())
+        os.kill(proc.pid, signal.SIGSTOP)
+        _until(lambda: _pending(proc.pid) & (1 << (signal.SIGALRM - 1)))
+        os.kill(proc.pid, signal.SIGCONT)
+        states = []
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, IndexError):
+                states.append(_state(proc.pid))
+            assert not copy_alive(copy), f"seen alive while dying (states so far {states})"
+        assert proc.returncode == -signal.SIGALRM
     finally:
         proc.kill()
         proc.wait()
