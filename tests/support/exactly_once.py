@@ -124,11 +124,29 @@ def _exiting(pid: int) -> bool:
     for task in tasks:
         try:
             flags = int((task / "stat").read_text().rsplit(")", 1)[1].split()[6])
+            if flags & PF_EXITING:
+                continue
+            # Not exiting yet, but sent its SIGKILL by a group exit (the thread that took the fatal
+            # signal zaps the others; each sets PF_EXITING only once it runs again, which on a
+            # loaded machine can take milliseconds, while /proc/PID/status shows none of it:
+            # the signal taken, the main thread's own SIGKILL already consumed). It enters the
+            # kernel at once (the zap kicks it) and never returns to its own code.
+            if _task_pending(task) & _SIGKILL:
+                continue
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue  # that thread is gone
-        if not flags & PF_EXITING:
-            return False
+        return False
     return True
+
+
+_SIGKILL = 1 << (9 - 1)
+
+
+def _task_pending(task: Path) -> int:
+    for line in (task / "status").read_text().splitlines():
+        if line.startswith("SigPnd:"):
+            return int(line.split(":")[1], 16)
+    return 0
 
 
 # Signals whose default action ends the process (signal(7)): all of 1-31 but CHLD, CONT, STOP,

@@ -54,13 +54,18 @@ def _children() -> dict[int, list[int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # it exited while we looked
-        tree.setdefault(ppid, []).append(int(entry))
+        ppid = _ppid(int(entry))
+        if ppid is not None:
+            tree.setdefault(ppid, []).append(int(entry))
     return tree
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None  # it exited while we looked
 
 
 def _descendants(pid: int) -> list[int]:
@@ -76,18 +81,46 @@ def _descendants(pid: int) -> list[int]:
 def paused_tree(pid: int) -> Iterator[None]:
     """The host first (it can then start nothing new), then everything under it; again until a
     listing finds nothing not yet stopped (a process forked while we were stopping the others).
-    Resumed in the reverse order: agents, then the host."""
-    stopped = [pid]
-    _signal(pid, signal.SIGSTOP)
+    Resumed in the reverse order: agents, then the host.
+
+    Each process is held by a pidfd from before its SIGSTOP to after its SIGCONT, and its parent
+    is checked again once the pidfd is open: a pid that exited and was reused between the listing
+    and the signal (or during the pause) is never stopped or resumed by mistake."""
+    held: dict[int, int] = {}  # pid -> pidfd, in the order stopped
+    looked: set[int] = set()  # held, or found not to be ours: each pid is decided once
     try:
-        while fresh := [p for p in _descendants(pid) if p not in stopped]:
-            for p in fresh:
-                _signal(p, signal.SIGSTOP)
-            stopped += fresh
+        _hold_and_stop(pid, None, held)
+        looked.add(pid)
+        while fresh := [p for p in _descendants(pid) if p not in looked]:
+            for p in fresh:  # parents come before their children in a listing
+                _hold_and_stop(p, set(held), held)
+                looked.add(p)
         yield
     finally:
-        for p in reversed(stopped):
-            _signal(p, signal.SIGCONT)
+        errors = []
+        for p, fd in reversed(list(held.items())):
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGCONT)
+            except OSError as exc:  # resume the others whatever one of them does
+                errors.append(exc)
+            finally:
+                os.close(fd)
+        if errors:
+            raise errors[0]
+
+
+def _hold_and_stop(pid: int, parents: set[int] | None, held: dict[int, int]) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone already
+    if parents is not None and _ppid(pid) not in parents:  # reused, or reparented away: not ours
+        os.close(fd)
+        return
+    held[pid] = fd  # before the signal: whatever happens next, the finally resumes it
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(fd, signal.SIGSTOP)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,11 @@ A process stopped with a fatal signal pending (a frozen agent whose kernel timer
 still listed in /proc but can never run again: SIGCONT ends it first. Counting it as a live
 copy would report two copies where one cannot execute; not counting a process that can
 resume would hide a real duplicate. Both are checked against processes the test controls.
+
+The child stops itself and the test sends the SIGALRM: the kernel queues it exactly as the
+fence's ITIMER_REAL would (a process-directed SIGALRM that no stopped thread can take), with no
+race between a timer and the test's SIGSTOP. Agent processes have several threads and /proc
+shows the main thread's mask, so the threaded cases pin down which way the checker errs.
 """
 
 from __future__ import annotations
@@ -21,27 +26,50 @@ import pytest
 from support.exactly_once import Copy, copy_alive
 from support.ledger_agents import proc_starttime
 
-ARMED = """
-import signal, sys, time
-if sys.argv[1] == "catch":
+CHILD = """
+import os, signal, sys, threading, time
+mode = sys.argv[1]
+if mode == "catch":
     signal.signal(signal.SIGALRM, lambda *_: None)
-signal.setitimer(signal.ITIMER_REAL, 0.3)
-print("armed", flush=True)
+if mode in ("main-blocks", "thread-blocks"):
+    ready = threading.Event()
+    def other():
+        if mode == "thread-blocks":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        ready.set()
+        while True:
+            time.sleep(0.01)
+    threading.Thread(target=other, daemon=True).start()
+    ready.wait()
+    if mode == "main-blocks":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
 while True:
     time.sleep(0.01)
 """
 
+# mode -> (counted as a copy while stopped with SIGALRM pending, what SIGCONT does)
+CASES = {
+    "default": (False, "dies"),  # the fence's case: SIGALRM's default action
+    "catch": (True, "runs"),  # its handler runs and it goes on
+    "thread-blocks": (False, "dies"),  # the main thread takes it
+    # Another thread takes it and the process dies, but /proc shows the main thread's mask
+    # only: the checker counts it as a copy (the safe side: a duplicate reported, none hidden).
+    "main-blocks": (True, "dies"),
+}
 
-def _until(predicate, timeout: float = 5.0) -> None:
+
+def _until(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)  # polling /proc, not a synchronisation
 
 
-def _pending(pid: int) -> int:
+def _status(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("ShdPnd:"):
+        if line.startswith(f"{field}:"):
             return int(line.split(":")[1], 16)
     return 0
 
@@ -50,24 +78,24 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.parametrize("handler", ["default", "catch"])
-def test_a_stopped_process_is_a_copy_unless_a_fatal_signal_waits_for_it(handler):
-    proc = subprocess.Popen([sys.executable, "-c", ARMED, handler], stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("mode", list(CASES))
+def test_a_stopped_process_is_a_copy_unless_a_fatal_signal_waits_for_it(mode):
+    counted, then = CASES[mode]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "armed"
-        copy = Copy(proc.pid, proc_starttime(proc.pid), time.monotonic())
-        os.kill(proc.pid, signal.SIGSTOP)
+        assert proc.stdout.readline().strip() == "ready"
         _until(lambda: _state(proc.pid) == "T")
-        if not _pending(proc.pid):  # stopped before its timer fired: it resumes at SIGCONT, a live copy
-            assert copy_alive(copy)
-        _until(lambda: _pending(proc.pid) & (1 << (signal.SIGALRM - 1)))
-        # Timer fired while stopped: SIGALRM pending. With its default action the process is done.
-        assert copy_alive(copy) is (handler == "catch")
+        copy = Copy(proc.pid, proc_starttime(proc.pid), time.monotonic())
+        assert copy_alive(copy)  # stopped, nothing pending: SIGCONT resumes it
+        os.kill(proc.pid, signal.SIGALRM)
+        _until(lambda: _status(proc.pid, "ShdPnd") & (1 << (signal.SIGALRM - 1)))
+        assert _state(proc.pid) == "T"
+        assert copy_alive(copy) is counted
         os.kill(proc.pid, signal.SIGCONT)
-        if handler == "default":
-            assert proc.wait(5) == -signal.SIGALRM  # the kernel ended it before it ran again
+        if then == "dies":
+            assert proc.wait(10) == -signal.SIGALRM  # the kernel ended it before it ran on
             assert not copy_alive(copy)
-        else:  # its handler ran and it goes on
+        else:
             _until(lambda: _state(proc.pid) != "T")
             assert copy_alive(copy) and proc.poll() is None
     finally:
@@ -77,26 +105,32 @@ def test_a_stopped_process_is_a_copy_unless_a_fatal_signal_waits_for_it(handler)
 
 
 BIG = """
-import signal, time
+import os, signal, sys, threading, time
 memory = bytearray(300 * 1024 * 1024)
 for i in range(0, len(memory), 4096):
     memory[i] = 1  # touched, so the exit has it to free
-signal.setitimer(signal.ITIMER_REAL, 0.3)
-print("armed", flush=True)
+for _ in range(int(sys.argv[1])):  # agent processes have several threads (feed, worker, sweeper, fence)
+    threading.Thread(target=lambda: [time.sleep(0.01) for _ in iter(int, 1)], daemon=True).start()
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
 while True:
     time.sleep(0.01)
 """
 
 
-def test_a_process_being_torn_down_is_not_a_copy():
+@pytest.mark.parametrize("threads", [0, 6])
+def test_a_process_being_torn_down_is_not_a_copy(threads):
     """A frozen copy whose timer fired dies at SIGCONT, but the kernel takes a while to free a
-    large process (state R, not yet Z): every sample in that time must already see it gone."""
-    proc = subprocess.Popen([sys.executable, "-c", BIG], stdout=subprocess.PIPE, text=True)
+    large process (state R, not yet Z): every sample in that time must already see it gone —
+    also while the thread that took the signal exits and the others have only been sent
+    their SIGKILL."""
+    proc = subprocess.Popen([sys.executable, "-c", BIG, str(threads)], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "armed"
+        assert proc.stdout.readline().strip() == "ready"
+        _until(lambda: _state(proc.pid) == "T")
         copy = Copy(proc.pid, proc_starttime(proc.pid), time.monotonic())
-        os.kill(proc.pid, signal.SIGSTOP)
-        _until(lambda: _pending(proc.pid) & (1 << (signal.SIGALRM - 1)))
+        os.kill(proc.pid, signal.SIGALRM)  # queued as the fence's timer queues it: nobody can take it yet
+        _until(lambda: _status(proc.pid, "ShdPnd") & (1 << (signal.SIGALRM - 1)))
         os.kill(proc.pid, signal.SIGCONT)
         states = []
         while proc.poll() is None:

@@ -228,22 +228,31 @@ class AgentSupervisor:
             return None
         self.record.state = AgentState.STARTING
         launch = asyncio.create_task(self._start_process(), name=f"agent-launch:{self.key}")
-        while True:
-            stop = asyncio.create_task(self._stop_requested.wait())
-            repair = asyncio.create_task(self._repair.wait())
-            try:
-                await asyncio.wait({launch, stop, repair}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                repair.cancel()
-            if launch.done() or self._stop is not None:
-                break
-            # Redis lost our entry while the agent starts (restarted empty): write it back now, not
-            # once the launch is over. A fenced host that finds the entry missing waits only a lease
-            # for us to (host supervisor's take-back), and a launch can take longer than that; the
-            # agent is already subscribed and handling messages while it builds.
-            self._repair.clear()
-            await self._reregister()
+        try:
+            while True:
+                stop = asyncio.create_task(self._stop_requested.wait())
+                repair = asyncio.create_task(self._repair.wait())
+                try:
+                    await asyncio.wait({launch, stop, repair}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    repair.cancel()
+                if launch.done() or self._stop is not None:
+                    break
+                # Redis lost our entry while the agent starts (restarted empty): write it back now, not
+                # once the launch is over. A fenced host that finds the entry missing waits only a lease
+                # for us to (host supervisor's take-back), and a launch can take longer than that; the
+                # agent is already subscribed and handling messages while it builds.
+                self._repair.clear()
+                await self._reregister()
+        except BaseException:
+            # This task cancelled (host shutdown) while waiting or re-registering: the launch is
+            # not ours to leave running — nobody would watch, stop or record the process it starts.
+            if not launch.done():
+                launch.cancel()
+                with contextlib.suppress(BaseException):
+                    await launch
+            raise
         if not launch.done():  # a stop came first: the launch is cancellation-safe (the child is killed)
             launch.cancel()
             with contextlib.suppress(BaseException):
