@@ -12,12 +12,11 @@ drain or a stall must not cost (only a crash may). Judged by the exactly-once ch
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
 from support import faults
-from support.ledger_fleet import LEASE_S, LedgerFleet
+from support.ledger_fleet import LEASE_S, LedgerFleet, fleet_under_traffic
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.serial]
 
@@ -25,20 +24,8 @@ AGENTS = ["q0", "q1", "q2"]
 SLOW_HANDLER = "support.ledger_agents.SlowHandlerLedgerAgent"
 
 
-@contextlib.asynccontextmanager
-async def slow_fleet():
-    async with LedgerFleet(rate_per_s=4.0) as fleet:
-        fleet.start_hosts(2)
-        results = await fleet.engine.launch_many([fleet.request(a, SLOW_HANDLER) for a in AGENTS])
-        assert not [r for r in results if isinstance(r, BaseException)], f"{results}\n{fleet.logs()}"
-        checker = fleet.start_checker(AGENTS)
-        await checker.wait_answering()
-        try:
-            yield fleet
-        except BaseException:
-            print(f"\n--- checker ---\n{checker.report().summary()}\n--- host logs ---\n{fleet.logs()}")
-            raise
-        print(f"\n{checker.report().summary()}")
+def slow_fleet():
+    return fleet_under_traffic(agents=AGENTS, class_name=SLOW_HANDLER, rate_per_s=4.0)
 
 
 async def judge(fleet: LedgerFleet) -> None:

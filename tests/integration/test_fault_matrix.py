@@ -30,7 +30,7 @@ from rustic_ai.k8s import AgentAlreadyExistsError, RusticK8sError, TemporaryErro
 from rustic_ai.k8s.base.models import AgentKey
 from support import faults
 from support.eventually import eventually
-from support.ledger_fleet import LEASE_S, LedgerFleet, ledger_spec
+from support.ledger_fleet import LEASE_S, LedgerFleet, fleet_under_traffic, ledger_spec
 
 # serial: scripts/dev test runs these rows after the rest, alone on the machine (their deadlines
 # are seconds; a second worker's load would be part of the fault).
@@ -40,24 +40,6 @@ AGENTS = ["l0", "l1", "l2"]
 CRASH = 1  # messages an agent may handle twice when one of its copies crashed
 PAST_LEASE_S = 1.5 * LEASE_S  # past the lease, and past the fence time before it
 SLOW_AGENT = "support.slow_import_agents.SlowImportLedgerAgent"
-
-
-@contextlib.asynccontextmanager
-async def fleet_under_traffic(*, hosts: int = 2, via_proxy: bool = False, agents: list[str] = AGENTS):
-    """A fleet with ``agents`` running and the checker's sender and sampler going."""
-    async with LedgerFleet() as fleet:
-        fleet.start_hosts(hosts, via_proxy=via_proxy)
-        await fleet.launch(agents)
-        checker = fleet.start_checker(agents)
-        await checker.wait_answering()
-        try:
-            yield fleet
-        except BaseException:
-            # Whatever failed (the checker's verdict or a step before it), show what the
-            # checker saw and what the hosts said.
-            print(f"\n--- checker ---\n{checker.report().summary()}\n--- host logs ---\n{fleet.logs()}")
-            raise
-        print(f"\n{checker.report().summary()}")
 
 
 class LaunchInFlight:
@@ -106,7 +88,7 @@ async def judge(fleet: LedgerFleet, *, max_twice: int | dict[str, int] = 0, held
 
 
 async def test_agent_sigkill():
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         [pid] = fleet.live_pids("l0")
         with fleet.checker.fault("agent SIGKILL"):
             os.kill(pid, signal.SIGKILL)
@@ -117,7 +99,7 @@ async def test_agent_sigkill():
 
 
 async def test_host_sigkill():
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         victim = fleet.host_of("l0")
         doomed = [a for a in AGENTS if fleet.host_of(a) is victim]
         with fleet.checker.fault("host SIGKILL"):
@@ -133,7 +115,7 @@ async def test_host_sigkill():
 
 
 async def test_host_sigterm_drain_under_traffic():
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         victim = fleet.host_of("l0")
         with fleet.checker.fault("host SIGTERM (drain)"):
             stopping = asyncio.create_task(asyncio.to_thread(victim.process.terminate, 30))
@@ -151,7 +133,7 @@ async def test_host_paused_longer_than_its_lease_with_a_launch_in_flight(scope):
     deadline; one frozen between handling a message and saving its position is, to the copy
     that adopts it, a crash — that message may be handled again (the CRASH allowance)."""
     pause = faults.paused if scope == "pid" else faults.paused_tree
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         victim = fleet.host_of("l0")
         with fleet.checker.fault(f"host paused ({scope}) {PAST_LEASE_S} s"):
             with pause(victim.process.pid):
@@ -162,7 +144,7 @@ async def test_host_paused_longer_than_its_lease_with_a_launch_in_flight(scope):
 
 
 async def test_slow_agent_import_does_not_duplicate_the_hosts_other_agents():
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         host = fleet.host_of("l0")
         fleet.checker.add_agent("slow")
         client = fleet.engine.pool.client(host.process.address)
@@ -182,7 +164,7 @@ async def test_slow_agent_import_does_not_duplicate_the_hosts_other_agents():
 
 @pytest.mark.parametrize("seconds", [1.0, PAST_LEASE_S], ids=["under-fence-time", "past-lease"])
 async def test_redis_paused(seconds):
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         with fleet.checker.fault(f"redis paused {seconds} s"):
             with faults.redis_paused(fleet.redis):
                 launch = LaunchInFlight(fleet)
@@ -193,7 +175,7 @@ async def test_redis_paused(seconds):
 
 @pytest.mark.parametrize("keep_data", [True, False], ids=["with-data", "empty"])
 async def test_redis_restarted(keep_data):
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         with fleet.checker.fault(f"redis restarted {'with its data' if keep_data else 'empty'}"):
             with faults.redis_down(fleet.redis, keep_data=keep_data):
                 launch = LaunchInFlight(fleet)
@@ -207,7 +189,7 @@ async def test_host_sigkilled_after_redis_restarted_empty_before_it_renewed():
     knows its agents existed (their records, their desired state and the host's own entry went
     with the data). The engine that launched them puts them back: every agent runs again,
     once, within 10 s, and handles every message published meanwhile."""
-    async with fleet_under_traffic(hosts=3) as fleet:
+    async with fleet_under_traffic(agents=AGENTS, hosts=3) as fleet:
         victim = fleet.host_of("l0")
         doomed = [a for a in AGENTS if fleet.host_of(a) is victim]
         with fleet.checker.fault("host SIGKILL just after Redis restarted empty"):
@@ -239,7 +221,7 @@ async def test_agent_sigkill_during_a_redis_restart_empty(when):
     feed come back to a new Redis; its saved position must not have passed what the feed
     missed and its sweep had not read yet, or its successor starts past those. Every message
     published to the new Redis must be handled, once."""
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         [pid] = fleet.live_pids("l0")
         with fleet.checker.fault(f"agent SIGKILL {when} a Redis restart (empty)"):
             if when == "just-before":
@@ -272,7 +254,7 @@ async def test_agent_sigkill_during_a_redis_restart_empty(when):
 
 @pytest.mark.parametrize("mode", ["stall", "refuse"])
 async def test_one_host_cut_off_from_redis_while_the_others_are_not(mode):
-    async with fleet_under_traffic(via_proxy=True) as fleet:
+    async with fleet_under_traffic(agents=AGENTS, via_proxy=True) as fleet:
         victim = fleet.host_of("l0")
         with fleet.checker.fault(f"host cut off from Redis ({mode}) {PAST_LEASE_S} s"):
             with faults.cut_off(victim.proxy, mode):
@@ -286,7 +268,7 @@ async def test_one_host_cut_off_from_redis_while_the_others_are_not(mode):
 
 
 async def test_two_concurrent_launches_of_one_agent_on_one_host():
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         host = fleet.live_hosts[0]
         client = fleet.engine.pool.client(host.process.address)
         request = fleet.request("twin")
@@ -303,7 +285,7 @@ async def test_two_concurrent_launches_of_one_agent_on_one_host():
 
 
 async def test_stop_agent_with_a_2ms_deadline_leaves_nothing_half_stopped():
-    async with fleet_under_traffic() as fleet:
+    async with fleet_under_traffic(agents=AGENTS) as fleet:
         host = fleet.host_of("l0")
         client = fleet.engine.pool.client(host.process.address)
         key = AgentKey(fleet.guild.id, "l0")

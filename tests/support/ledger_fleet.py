@@ -147,9 +147,9 @@ class LedgerFleet:
         assert self.engine is not None
         return self.engine.build_request(self.guild, ledger_spec(agent_id, class_name), self.messaging)
 
-    async def launch(self, agent_ids: list[str]) -> list:
+    async def launch(self, agent_ids: list[str], class_name: str | None = None) -> list:
         assert self.engine is not None
-        results = await self.engine.launch_many([self.request(a) for a in agent_ids])
+        results = await self.engine.launch_many([self.request(a, class_name) for a in agent_ids])
         bad = [r for r in results if isinstance(r, BaseException)]
         assert not bad, f"launch failed: {bad}\n{self.logs()}"
         return results
@@ -184,3 +184,22 @@ class LedgerFleet:
         assert len(found) == 1, f"{agent_id}: live copies {self.live_pids(agent_id)} on hosts " \
                                 f"{[h.process.name for h in found]}"
         return found[0]
+
+
+@contextlib.asynccontextmanager
+async def fleet_under_traffic(*, agents: list[str], hosts: int = 2, via_proxy: bool = False,
+                              class_name: str | None = None, rate_per_s: float = 20.0):
+    """A fleet with ``agents`` running (``class_name``: a ledger agent of another class, by its dotted
+    name) and the checker's sender and sampler going; on any failure it prints what the checker saw
+    and what the hosts said."""
+    async with LedgerFleet(rate_per_s=rate_per_s) as fleet:
+        fleet.start_hosts(hosts, via_proxy=via_proxy)
+        await fleet.launch(agents, class_name)
+        checker = fleet.start_checker(agents)
+        await checker.wait_answering()
+        try:
+            yield fleet
+        except BaseException:
+            print(f"\n--- checker ---\n{checker.report().summary()}\n--- host logs ---\n{fleet.logs()}")
+            raise
+        print(f"\n{checker.report().summary()}")

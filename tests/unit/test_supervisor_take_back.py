@@ -138,10 +138,10 @@ class Processes:
         return self.launched[-1]
 
 
-@pytest.mark.timeout(30)
-async def test_a_fenced_agent_whose_entry_redis_lost_is_not_taken_back_while_its_adopter_rewrites_it():
+async def _started(registry: Registry):
+    """A supervisor on stand-ins, its agent running; with what the tests look at."""
     settings = HostSettings.from_env({}, lease_s=3.0, lease_renew_s=0.4, fence_margin_s=0.6)
-    registry, lease, processes = Registry(), Lease(), Processes()
+    lease, processes = Lease(), Processes()
     finished: list[AgentSupervisor] = []
     tasks: set[asyncio.Task] = set()
 
@@ -154,10 +154,17 @@ async def test_a_fenced_agent_whose_entry_redis_lost_is_not_taken_back_while_its
                             lease=lease, address=lambda: ME, spawn=spawn,  # type: ignore[arg-type]
                             finished=finished.append, serving=lambda: True)
     request = launch_request_from_models(guild_spec("g-takeback"), ledger_spec("s1"), redis_messaging(6379))
-    record = AgentRecord("g-takeback", "s1", host=ME, state=AgentState.STARTING)
-    supervisor = AgentSupervisor(ctx, request, record, RestartPolicy())
+    supervisor = AgentSupervisor(ctx, request, AgentRecord("g-takeback", "s1", host=ME, state=AgentState.STARTING),
+                                 RestartPolicy())
     supervisor.start()
     await supervisor.wait_started()
+    return supervisor, lease, processes, finished, tasks, settings
+
+
+@pytest.mark.timeout(30)
+async def test_a_fenced_agent_whose_entry_redis_lost_is_not_taken_back_while_its_adopter_rewrites_it():
+    registry = Registry()
+    supervisor, lease, processes, finished, tasks, _ = await _started(registry)
     [first] = processes.launched
 
     # Cut off: the lease cannot be proven, the agent fences itself, another host adopts it.
@@ -189,23 +196,7 @@ class NoAdopter(Registry):
 
 
 async def _fenced_into_an_empty_redis(registry: Registry):
-    settings = HostSettings.from_env({}, lease_s=3.0, lease_renew_s=0.4, fence_margin_s=0.6)
-    lease, processes = Lease(), Processes()
-    tasks: set[asyncio.Task] = set()
-
-    def spawn(coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        tasks.add(task)
-        return task
-
-    ctx = SupervisorContext(settings=settings, registry=registry, processes=lambda: processes,  # type: ignore[arg-type]
-                            lease=lease, address=lambda: ME, spawn=spawn,  # type: ignore[arg-type]
-                            finished=lambda s: None, serving=lambda: True)
-    request = launch_request_from_models(guild_spec("g-takeback"), ledger_spec("s1"), redis_messaging(6379))
-    supervisor = AgentSupervisor(ctx, request, AgentRecord("g-takeback", "s1", host=ME, state=AgentState.STARTING),
-                                 RestartPolicy())
-    supervisor.start()
-    await supervisor.wait_started()
+    supervisor, lease, processes, _, _, settings = await _started(registry)
     lease.ok = False
     processes.launched[0].exit(EXIT_FENCED)
     registry.wiped = True

@@ -230,13 +230,7 @@ class AgentSupervisor:
         launch = asyncio.create_task(self._start_process(), name=f"agent-launch:{self.key}")
         try:
             while True:
-                stop = asyncio.create_task(self._stop_requested.wait())
-                repair = asyncio.create_task(self._repair.wait())
-                try:
-                    await asyncio.wait({launch, stop, repair}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
-                    repair.cancel()
+                await self._until_request(launch)
                 if launch.done() or self._stop is not None:
                     break
                 # Redis lost our entry while the agent starts (restarted empty): write it back now, not
@@ -364,17 +358,21 @@ class AgentSupervisor:
         self._granted(claim.allocation)
         return True
 
+    async def _until_request(self, work: asyncio.Future) -> None:
+        """Until ``work`` is done, a stop is asked for or a repair is due, whichever comes first."""
+        stop = asyncio.create_task(self._stop_requested.wait())
+        repair = asyncio.create_task(self._repair.wait())
+        try:
+            await asyncio.wait({work, stop, repair}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            repair.cancel()
+
     async def _watch(self, proc: AgentProcess) -> str:
         """Until the process ends or a stop is asked for; repairs the record meanwhile."""
         exited = asyncio.create_task(proc.wait())
         while True:
-            stop = asyncio.create_task(self._stop_requested.wait())
-            repair = asyncio.create_task(self._repair.wait())
-            try:
-                await asyncio.wait({exited, stop, repair}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                repair.cancel()
+            await self._until_request(exited)
             if self._stop is not None:
                 exited.cancel()
                 return await self._stop_process(proc)
